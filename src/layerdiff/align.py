@@ -1,0 +1,428 @@
+"""Pair each PyTorch module call with the ONNX tensor that holds the same value.
+
+Matchers run in order; each records how it matched, and a tensor is claimed once:
+
+1. scope: the module path each exporter leaves (legacy node names such as
+   ``/body/body.0/conv1/Conv``, dynamo's ``pkg.torch.onnx.name_scopes``). The nodes of a
+   module are split into one instance per call; the instance's output is the tensor it
+   hands to nodes outside it.
+2. weights: a Conv / ConvTranspose / Gemm / MatMul whose weight equals a module's
+   weight (transposed for MatMul and Gemm), for files that lost every name.
+3. structure, repeated until nothing changes: a paired module's ONNX input is its
+   producer's output (torch's data flow says which module produced it); and a module
+   whose producer is paired takes the single consumer of that tensor with a matching
+   op type.
+
+Every pair is checked against the shapes onnx shape inference gives. A module with
+several candidate tensors is left unmatched with that reason: a wrong pair would show
+a divergence that does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from .capture_onnx import OnnxGraph, OnnxNode
+from .records import Alignment, Pair, TorchCall, Unmatched
+
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+# Module types whose output is a single ONNX op's output (used to follow data flow).
+MODULE_OPS: dict[str, set[str]] = {
+    "LeakyReLU": {"LeakyRelu"}, "ReLU": {"Relu"}, "ReLU6": {"Clip"}, "PReLU": {"PRelu"},
+    "Sigmoid": {"Sigmoid"}, "Tanh": {"Tanh"}, "ELU": {"Elu"}, "SELU": {"Selu"},
+    "GELU": {"Gelu"}, "Softmax": {"Softmax"}, "Hardswish": {"HardSwish"},
+    "Hardsigmoid": {"HardSigmoid"}, "Softplus": {"Softplus"}, "Mish": {"Mish"},
+    "PixelShuffle": {"DepthToSpace"}, "PixelUnshuffle": {"SpaceToDepth"},
+    "Upsample": {"Resize"}, "UpsamplingNearest2d": {"Resize"}, "UpsamplingBilinear2d": {"Resize"},
+    "BatchNorm1d": {"BatchNormalization"}, "BatchNorm2d": {"BatchNormalization"},
+    "InstanceNorm2d": {"InstanceNormalization"}, "GroupNorm": {"GroupNormalization"},
+    "LayerNorm": {"LayerNormalization"}, "MaxPool2d": {"MaxPool"}, "AvgPool2d": {"AveragePool"},
+    "AdaptiveAvgPool2d": {"GlobalAveragePool", "ReduceMean"},
+    "Conv1d": {"Conv"}, "Conv2d": {"Conv"}, "Conv3d": {"Conv"},
+    "ConvTranspose2d": {"ConvTranspose"}, "Linear": {"Gemm", "MatMul", "Add"},
+}
+
+# Ops that pass their input's value on unchanged (exporters insert them freely).
+PASS_THROUGH = {"Identity", "Cast", "Dropout"}
+
+
+@dataclass
+class _State:
+    graph: OnnxGraph
+    calls: list[TorchCall]
+    input_tensor: str
+    pairs: dict[int, Pair] = field(default_factory=dict)
+    instance: dict[int, set[int]] = field(default_factory=dict)  # call -> its ONNX nodes
+    claimed: dict[str, int] = field(default_factory=dict)  # tensor -> call
+    why_not: dict[int, str] = field(default_factory=dict)
+
+    def real(self, call: int | None) -> int | None:
+        """Follow aliases to the call that produced the value (-1: the model input)."""
+        seen = 0
+        while call is not None and call >= 0 and self.calls[call].alias_of is not None:
+            call = self.calls[call].alias_of
+            seen += 1
+            if seen > len(self.calls):
+                return None
+        return call
+
+    def tensor_of(self, call: int | None) -> str | None:
+        call = self.real(call)
+        if call == -1:
+            return self.input_tensor
+        pair = self.pairs.get(call) if call is not None else None
+        return pair.onnx_tensor if pair else None
+
+    def add(self, call: int, tensor: str, method: str, nodes: set[int]) -> bool:
+        if call in self.pairs or tensor in self.claimed or tensor in self.graph.constants:
+            return False
+        if not _shape_fits(self.graph.shapes.get(tensor), self.calls[call].shape):
+            return False
+        node = self.graph.node_of(tensor)
+        if node is None:  # a graph input: nothing computed it
+            return False
+        self.pairs[call] = Pair(
+            call=call, onnx_tensor=tensor, onnx_node=node.name, op_type=node.op_type,
+            order=node.index, method=method,
+        )
+        self.instance[call] = nodes or {node.index}
+        self.claimed[tensor] = call
+        return True
+
+
+def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
+          graph: OnnxGraph) -> Alignment:
+    input_tensor = graph.inputs[0][0] if graph.inputs else ""
+    state = _State(graph=graph, calls=calls, input_tensor=input_tensor)
+    scopes = _resolve_scopes(graph, calls)
+    has_scopes = bool(graph.nodes) and sum(s is not None for s in scopes.values()) > len(graph.nodes) / 2
+
+    if has_scopes:
+        _match_by_scope(state, scopes)
+    _match_by_weights(state, parameters)
+    while _follow_data_flow(state):
+        pass
+
+    aliases = tuple((c.index, state.real(c.index)) for c in calls
+                    if c.alias_of is not None and state.real(c.index) is not None)
+    unmatched_torch = tuple(
+        Unmatched(c.label, state.why_not.get(c.index, _default_reason(c, has_scopes)))
+        for c in calls if c.alias_of is None and c.index not in state.pairs
+    )
+    return Alignment(
+        pairs=tuple(sorted(state.pairs.values(), key=lambda p: (p.order, p.call))),
+        aliases=aliases,
+        unmatched_torch=unmatched_torch,
+        unmatched_onnx=_unmatched_onnx(state),
+        has_scopes=has_scopes,
+    )
+
+
+# --------------------------------------------------------------------------- scope
+
+
+def _resolve_scopes(graph: OnnxGraph, calls: list[TorchCall]) -> dict[int, str | None]:
+    """Node index -> module path (or None) for every node, legacy names resolved."""
+    paths = {c.module for c in calls}
+    paths |= {p.rsplit(".", 1)[0] for p in list(paths) if "." in p}
+    by_component: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(paths, key=len):
+        by_component[_legacy_component(path)].append(path)
+    result = {}
+    for node in graph.nodes:
+        if node.scope_style == "legacy":
+            result[node.index] = _resolve_legacy(node.scope or "", by_component)
+        else:
+            result[node.index] = node.scope
+    return result
+
+
+def _legacy_component(path: str) -> str:
+    """The legacy exporter's name for a module: its path from the last non-numeric atom."""
+    atoms = path.split(".")
+    for i in range(len(atoms) - 1, -1, -1):
+        if not atoms[i].isnumeric():
+            return ".".join(atoms[i:])
+    return path
+
+
+def _resolve_legacy(raw: str, by_component: dict[str, list[str]]) -> str:
+    current = ""
+    for component in raw.split("/") if raw else []:
+        found = _below(current, component, by_component)
+        if found is None:  # a second call is named "act_1"
+            base = re.sub(r"_\d+$", "", component)
+            found = _below(current, base, by_component) if base != component else None
+        if found is None:
+            break
+        current = found
+    return current
+
+
+def _below(prefix: str, component: str, by_component: dict[str, list[str]]) -> str | None:
+    for path in by_component.get(component, ()):
+        if not prefix or path.startswith(prefix + "."):
+            return path
+    return None
+
+
+def _match_by_scope(state: _State, scopes: dict[int, str | None]) -> None:
+    graph = state.graph
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, scope in scopes.items():
+        if scope is None or graph.nodes[index].op_type == "Constant":
+            continue
+        # A node belongs to its module and to every enclosing one.
+        parts = scope.split(".") if scope else []
+        for depth in range(1, len(parts) + 1):
+            members[".".join(parts[:depth])].append(index)
+
+    # module path -> one list per invocation of the tensors it returned
+    invocations: dict[str, dict[int, list[TorchCall]]] = defaultdict(lambda: defaultdict(list))
+    for call in state.calls:
+        invocations[call.module][call.call].append(call)
+
+    for path, by_call in invocations.items():
+        nodes = members.get(path)
+        if not nodes:
+            continue
+        instances = _instances(graph, nodes, len(by_call))
+        if instances is None:
+            for call in (c for cs in by_call.values() for c in cs):
+                state.why_not[call.index] = (
+                    f"its ONNX nodes do not split into {len(by_call)} calls; not paired")
+            continue
+        for returned, inst in zip(by_call.values(), instances):
+            boundary = _boundary_outputs(graph, inst)
+            for call in returned:
+                if call.alias_of is not None:
+                    continue
+                outs = [t for t in boundary
+                        if _shape_fits(graph.shapes.get(t), call.shape) and t not in state.claimed]
+                if len(outs) == 1:
+                    state.add(call.index, outs[0], "scope", inst)
+                elif len(outs) > 1:
+                    state.why_not[call.index] = (
+                        f"{len(outs)} tensors leave its ONNX scope with its shape; not paired")
+
+
+def _instances(graph: OnnxGraph, nodes: list[int], calls: int) -> list[set[int]] | None:
+    """Split a module's nodes into one set per call (connected pieces, in order)."""
+    if calls == 1:
+        return [set(nodes)]
+    sub = nx.Graph()
+    sub.add_nodes_from(nodes)
+    node_set = set(nodes)
+    for i in nodes:
+        for out in graph.nodes[i].outputs:
+            for j in graph.consumers.get(out, ()):
+                if j in node_set:
+                    sub.add_edge(i, j)
+    pieces = sorted((set(c) for c in nx.connected_components(sub)), key=min)
+    return pieces if len(pieces) == calls else None
+
+
+def _boundary_outputs(graph: OnnxGraph, nodes: set[int]) -> list[str]:
+    """Tensors made inside ``nodes`` and read outside them (or by the graph's caller)."""
+    outputs = set(graph.outputs)
+    found = []
+    for i in sorted(nodes):
+        for out in graph.nodes[i].outputs:
+            readers = graph.consumers.get(out, ())
+            if out in outputs or any(r not in nodes for r in readers):
+                found.append(out)
+    return found
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _digest(array: np.ndarray) -> str:
+    data = np.ascontiguousarray(array, dtype=np.float32)
+    return hashlib.blake2b(data.tobytes() + str(data.shape).encode(), digest_size=16).hexdigest()
+
+
+def _match_by_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
+    graph = state.graph
+    nodes_by_weight: dict[str, list[OnnxNode]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op_type not in WEIGHTED_OPS or len(node.inputs) < 2:
+            continue
+        weight = graph.constants.get(node.inputs[1])
+        if weight is None or weight.ndim < 2 or weight.dtype.kind != "f":
+            continue
+        nodes_by_weight[_digest(weight)].append(node)
+        if weight.ndim == 2:  # MatMul holds Linear's weight transposed
+            nodes_by_weight[_digest(weight.T)].append(node)
+
+    used: set[int] = set()
+    for call in state.calls:
+        weight = parameters.get(call.index, {}).get("weight")
+        if call.index in state.pairs or weight is None or weight.ndim < 2:
+            continue
+        for node in nodes_by_weight.get(_digest(weight), ()):
+            if node.index in used:
+                continue
+            if _add_weighted(state, call, node, parameters, "weights"):
+                used.add(node.index)
+                break
+    _match_by_close_weights(state, parameters, used)
+
+
+def _add_weighted(state: _State, call: TorchCall, node: OnnxNode,
+                  parameters: dict[int, dict[str, np.ndarray]], method: str) -> bool:
+    tensor = _with_bias(state.graph, node, parameters[call.index].get("bias"))
+    return state.add(call.index, tensor, method, {node.index, state.graph.producer[tensor]})
+
+
+CLOSE_COSINE = 0.9  # weights this similar are the same layer, changed (fp16, folded BN, a fault)
+CLOSE_MARGIN = 0.2  # ...and clearly closer than any other candidate
+
+
+def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]],
+                            used: set[int]) -> None:
+    """Pair modules whose weight is *nearly* an unclaimed node's weight.
+
+    The weight of a converted layer may differ from the checkpoint's: rounded to fp16,
+    BatchNorm folded in (each output channel scaled), or simply wrong. Same shape and a
+    cosine similarity above CLOSE_COSINE, clearly ahead of the runner-up, still
+    identifies the layer; the pair's method, "weights~", tells the rules they differ.
+    """
+    graph = state.graph
+    free = [n for n in graph.nodes if n.op_type in WEIGHTED_OPS and n.index not in used
+            and len(n.inputs) > 1 and n.inputs[1] in graph.constants]
+    for call in state.calls:
+        weight = parameters.get(call.index, {}).get("weight")
+        if call.index in state.pairs or weight is None or weight.ndim < 2:
+            continue
+        scored = []
+        for node in free:
+            if node.index in used:
+                continue
+            onnx_weight = graph.constants[node.inputs[1]].astype(np.float32)
+            if onnx_weight.shape != weight.shape and onnx_weight.T.shape == weight.shape:
+                onnx_weight = onnx_weight.T
+            if onnx_weight.shape == weight.shape:
+                scored.append((_cosine(weight, onnx_weight), node))
+        scored.sort(key=lambda item: -item[0])
+        if not scored or scored[0][0] < CLOSE_COSINE:
+            continue
+        if len(scored) > 1 and scored[0][0] - scored[1][0] < CLOSE_MARGIN:
+            state.why_not[call.index] = "several ONNX layers have nearly its weights; not paired"
+            continue
+        if _add_weighted(state, call, scored[0][1], parameters, "weights~"):
+            used.add(scored[0][1].index)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / denom) if denom else 0.0
+
+
+def _with_bias(graph: OnnxGraph, node: OnnxNode, bias: np.ndarray | None) -> str:
+    """MatMul + Add(bias) is one Linear: its output is the Add's."""
+    out = node.outputs[0]
+    readers = graph.consumers.get(out, [])
+    if bias is None or node.op_type != "MatMul" or len(readers) != 1:
+        return out
+    add = graph.nodes[readers[0]]
+    if add.op_type != "Add":
+        return out
+    for name in add.inputs:
+        value = graph.constants.get(name)
+        if value is not None and value.shape == bias.shape and np.array_equal(value, bias):
+            return add.outputs[0]
+    return out
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _follow_data_flow(state: _State) -> bool:
+    """One sweep of both structural rules; True when something new was paired."""
+    progress = False
+    graph = state.graph
+    for call in state.calls:
+        # Rule 1: a paired module's outside input is what its producer made.
+        if call.index in state.pairs:
+            # Only when torch says every input came straight from a module (no
+            # functional op in between, which ONNX would show as extra nodes).
+            producers = {state.real(p) for p in call.producers}
+            unpaired = [p for p in producers if p is not None and p >= 0 and p not in state.pairs]
+            if len(unpaired) == 1 and len(producers) == 1:
+                inputs = _external_inputs(graph, state.instance[call.index])
+                fitting = [t for t in inputs if t not in state.claimed
+                           and _shape_fits(graph.shapes.get(t), state.calls[unpaired[0]].shape)]
+                if len(fitting) == 1:
+                    progress |= state.add(unpaired[0], _before_pass_through(graph, fitting[0]),
+                                          "structure", set())
+            continue
+        # Rule 2: the single consumer of the producer's tensor with this module's op.
+        if call.alias_of is not None or call.module_type not in MODULE_OPS or not call.producers:
+            continue
+        source = state.tensor_of(call.producers[0])
+        if source is None:
+            continue
+        ops = MODULE_OPS[call.module_type]
+        candidates = [graph.nodes[i] for i in graph.consumers.get(source, ())
+                      if graph.nodes[i].op_type in ops
+                      and graph.nodes[i].outputs[0] not in state.claimed]
+        if len(candidates) == 1:
+            node = candidates[0]
+            progress |= state.add(call.index, node.outputs[0], "structure", {node.index})
+    return progress
+
+
+def _external_inputs(graph: OnnxGraph, nodes: set[int]) -> list[str]:
+    found = []
+    for i in sorted(nodes):
+        for name in graph.nodes[i].inputs:
+            if not name or name in graph.constants or name in found:
+                continue
+            if graph.producer.get(name) not in nodes:
+                found.append(name)
+    return found
+
+
+def _before_pass_through(graph: OnnxGraph, tensor: str) -> str:
+    """Skip exporter-inserted Identity/Cast nodes back to the tensor the module made."""
+    node = graph.node_of(tensor)
+    while node is not None and node.op_type in PASS_THROUGH and node.inputs:
+        tensor = node.inputs[0]
+        node = graph.node_of(tensor)
+    return tensor
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def _default_reason(call: TorchCall, has_scopes: bool) -> str:
+    if not has_scopes and call.module_type not in MODULE_OPS:
+        return "no module names in the ONNX file and no weights or data flow to pair it by"
+    return "no ONNX tensor holds its output (fused, folded or optimised away)"
+
+
+def _unmatched_onnx(state: _State) -> tuple[Unmatched, ...]:
+    """Weighted ONNX nodes nothing was paired with: the most telling leftovers."""
+    covered = set().union(*state.instance.values()) if state.instance else set()
+    found = []
+    for node in state.graph.nodes:
+        if node.op_type in WEIGHTED_OPS and node.index not in covered:
+            found.append(Unmatched(node.name, f"{node.op_type}: no torch module call paired with it"))
+    return tuple(found)
+
+
+def _shape_fits(onnx_shape: tuple | None, torch_shape: tuple[int, ...]) -> bool:
+    if onnx_shape is None:
+        return True
+    if len(onnx_shape) != len(torch_shape):
+        return False
+    return all(not isinstance(a, int) or a == b for a, b in zip(onnx_shape, torch_shape))

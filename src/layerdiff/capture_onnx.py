@@ -1,0 +1,301 @@
+"""Read an ONNX graph and run it with chosen intermediate tensors exposed.
+
+The only module that imports onnx-graphsurgeon and onnxruntime. It hands the aligner a
+plain view of the graph (``OnnxGraph``), and runs an instrumented copy in which the
+aligned tensors are marked as graph outputs with onnx-graphsurgeon, so one onnxruntime
+run yields all of them. A node that fails at run time is located from onnxruntime's
+message, and the graph is pruned to what lies upstream of it and run again, so the
+layers before the failure are still compared.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from .errors import OnnxLoadError
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class OnnxNode:
+    index: int  # position in topological order
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any]
+    scope: str | None  # module path from the exporter's names, None when there is none
+    scope_style: str  # "dynamo" | "legacy" | ""
+
+
+@dataclass
+class OnnxGraph:
+    path: Path | None
+    model: onnx.ModelProto  # shape-inferred
+    nodes: list[OnnxNode]
+    inputs: list[tuple[str, str, tuple]]  # (name, numpy dtype name, shape with str/None dims)
+    outputs: list[str]
+    constants: dict[str, np.ndarray]  # initializers and Constant-node outputs
+    shapes: dict[str, tuple]  # tensor -> inferred shape (ints, strs for symbols, None)
+    dtypes: dict[str, np.dtype]
+    producer: dict[str, int] = field(default_factory=dict)  # tensor -> node index
+    consumers: dict[str, list[int]] = field(default_factory=dict)
+    opset: int | None = None
+
+    def node_of(self, tensor: str) -> OnnxNode | None:
+        index = self.producer.get(tensor)
+        return None if index is None else self.nodes[index]
+
+
+@dataclass(frozen=True)
+class RuntimeFailure:
+    node: str
+    op_type: str
+    message: str
+
+
+@dataclass
+class OnnxRun:
+    values: dict[str, np.ndarray]  # marked tensors that were computed
+    outputs: list[np.ndarray] | None  # final outputs; None when the run failed
+    failure: RuntimeFailure | None = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_graph(path: str | Path) -> OnnxGraph:
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxLoadError(f"ONNX file not found: {path}", hint="check the --onnx path")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise OnnxLoadError(
+            f"cannot read {path} as ONNX: {_first_line(exc)}",
+            hint="the file may be truncated or not an ONNX model; re-export it",
+        ) from exc
+    return graph_from_model(model, path)
+
+
+def graph_from_model(model: onnx.ModelProto, path: Path | None = None) -> OnnxGraph:
+    if not model.graph.node:
+        raise OnnxLoadError(f"{path or 'the ONNX model'} has no nodes", hint="re-export it")
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes are a convenience for alignment, not a requirement
+        pass
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    constants = {
+        name: np.asarray(t.values)
+        for name, t in graph.tensors().items()
+        if isinstance(t, gs.Constant)
+    }
+    # onnx-graphsurgeon drops node metadata, so read the dynamo scopes from the proto.
+    metadata = {n.name: {p.key: p.value for p in n.metadata_props} for n in model.graph.node}
+    nodes = []
+    for i, node in enumerate(graph.nodes):
+        if node.op == "Constant" and node.outputs:
+            value = node.attrs.get("value")
+            if isinstance(value, gs.Constant):
+                constants[node.outputs[0].name] = np.asarray(value.values)
+        scope, style = _scope(node.name, metadata.get(node.name, {}))
+        nodes.append(
+            OnnxNode(
+                index=i,
+                name=node.name or f"{node.op}_{i}",
+                op_type=node.op,
+                inputs=tuple(t.name for t in node.inputs),
+                outputs=tuple(t.name for t in node.outputs),
+                attrs=_plain_attrs(node.attrs),
+                scope=scope,
+                scope_style=style,
+            )
+        )
+    shapes, dtypes = {}, {}
+    for name, t in graph.tensors().items():
+        if t.shape is not None:
+            shapes[name] = tuple(t.shape)
+        if t.dtype is not None:
+            dtypes[name] = np.dtype(t.dtype) if not isinstance(t.dtype, np.dtype) else t.dtype
+    result = OnnxGraph(
+        path=path,
+        model=model,
+        nodes=nodes,
+        inputs=[(t.name, _dtype_name(t.dtype), tuple(t.shape or ())) for t in graph.inputs],
+        outputs=[t.name for t in graph.outputs],
+        constants=constants,
+        shapes=shapes,
+        dtypes=dtypes,
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+    )
+    for node in nodes:
+        for out in node.outputs:
+            result.producer[out] = node.index
+        for inp in node.inputs:
+            if inp:
+                result.consumers.setdefault(inp, []).append(node.index)
+    return result
+
+
+def _scope(name: str, metadata: dict[str, str]) -> tuple[str | None, str]:
+    """The module scope an exporter recorded for a node.
+
+    dynamo: the exact module path (``name_scopes`` ends with the FX node's own name; the
+    entry before it is its module). legacy: the raw "/"-joined components of the node
+    name, e.g. "model/model.1/sub/sub.0"; each is a module path cut at its last
+    non-numeric atom, so only the aligner, which knows the module paths, can resolve it.
+    """
+    if _SCOPE_KEY in metadata:
+        try:
+            scopes = ast.literal_eval(metadata[_SCOPE_KEY])
+            return (scopes[-2] if len(scopes) >= 2 else ""), "dynamo"
+        except (ValueError, SyntaxError, IndexError):
+            pass
+    if name and name.startswith("/"):
+        return "/".join(name.strip("/").split("/")[:-1]), "legacy"
+    return None, ""
+
+
+def _plain_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    plain = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if isinstance(value, (int, float, str)):
+            plain[key] = value
+        elif isinstance(value, (list, tuple)) and len(value) <= 16 and all(
+            isinstance(v, (int, float, str)) for v in value
+        ):
+            plain[key] = list(value)
+        elif isinstance(value, gs.Constant) and np.asarray(value.values).size <= 16:
+            plain[key] = np.asarray(value.values).tolist()
+    return plain
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return "float32"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run(
+    graph: OnnxGraph,
+    feeds: dict[str, np.ndarray],
+    mark: list[str],
+    *,
+    level: str = "all",
+    provider: str = "CPUExecutionProvider",
+) -> OnnxRun:
+    """Run ``graph`` once with the tensors in ``mark`` exposed as extra outputs."""
+    mark = [m for m in dict.fromkeys(mark) if m not in graph.outputs]
+    session = _session(_instrumented(graph, mark, keep_outputs=True), level, provider)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, feeds)
+    except Exception as exc:
+        failure = _failure(exc)
+        upstream = _upstream_only(graph, mark, failure.node)
+        partial: dict[str, np.ndarray] = {}
+        if upstream:
+            sub = _session(_instrumented(graph, upstream, keep_outputs=False), level, provider)
+            partial = dict(zip([o.name for o in sub.get_outputs()],
+                               sub.run(None, _needed(sub, feeds))))
+        return OnnxRun(values=partial, outputs=None, failure=failure)
+    by_name = dict(zip(names, values))
+    return OnnxRun(
+        values=by_name,
+        outputs=[by_name[o] for o in graph.outputs],
+    )
+
+
+def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], *, level: str = "all",
+              provider: str = "CPUExecutionProvider") -> list[np.ndarray]:
+    """Run the model as the user would: no marked outputs."""
+    session = _session(graph.model.SerializeToString(), level, provider)
+    return session.run(None, feeds)
+
+
+def _instrumented(graph: OnnxGraph, mark: list[str], *, keep_outputs: bool) -> bytes:
+    g = gs.import_onnx(graph.model)
+    tensors = g.tensors()
+    exposed = []
+    for name in mark:
+        tensor = tensors.get(name)
+        if tensor is None or isinstance(tensor, gs.Constant):
+            continue
+        if tensor.dtype is None:
+            tensor.dtype = np.float32
+        exposed.append(tensor)
+    g.outputs = (list(g.outputs) if keep_outputs else []) + exposed
+    if not keep_outputs:
+        g.cleanup()
+    return gs.export_onnx(g).SerializeToString()
+
+
+def _session(model: bytes, level: str, provider: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, options, providers=[provider])
+    except Exception as exc:
+        raise OnnxLoadError(
+            f"onnxruntime cannot load the model: {_first_line(exc)}",
+            hint="check the opset and custom ops; `python -m onnx.checker` may say more",
+        ) from exc
+
+
+def _needed(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict:
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+_NODE_IN_MESSAGE = re.compile(r"running (\w+) node\. Name:'([^']*)'")
+
+
+def _failure(exc: Exception) -> RuntimeFailure:
+    message = str(exc).strip()
+    match = _NODE_IN_MESSAGE.search(message)
+    if match:
+        return RuntimeFailure(node=match.group(2), op_type=match.group(1), message=message)
+    return RuntimeFailure(node="", op_type="", message=message)
+
+
+def _upstream_only(graph: OnnxGraph, mark: list[str], failed_node: str) -> list[str]:
+    """Marked tensors that do not depend on ``failed_node`` (all of them if unknown)."""
+    start = next((n for n in graph.nodes if n.name == failed_node), None)
+    if start is None:
+        return []
+    tainted: set[str] = set(start.outputs)
+    for node in graph.nodes[start.index + 1:]:
+        if any(i in tainted for i in node.inputs):
+            tainted.update(node.outputs)
+    return [m for m in mark if m not in tainted and m in graph.producer]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

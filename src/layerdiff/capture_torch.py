@@ -1,0 +1,210 @@
+"""Capture every submodule's output during one PyTorch forward pass.
+
+Forward hooks on every submodule store a detached copy of each output (residual code
+such as ``res += x`` mutates a tensor after its hook ran, so a reference would be wrong),
+and record which earlier call produced each input: the data-flow graph the aligner walks.
+Hooks are always removed, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import LayerdiffError
+from .records import TorchCall
+
+# Module attributes worth showing and reasoning about (LeakyReLU.negative_slope,
+# Upsample.mode, GELU.approximate...): plain values only.
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+@dataclass
+class TorchCapture:
+    calls: list[TorchCall]
+    activations: dict[int, np.ndarray]  # call index -> output values
+    outputs: list[np.ndarray]  # the model's final outputs, flattened
+    input_mutated: bool
+    training_modules: tuple[str, ...]
+    parameters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # call -> params
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Flatten a module output (tensor, tuple, list, dict) into its tensors, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _simple_attrs(module: torch.nn.Module) -> dict[str, Any]:
+    attrs = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        if isinstance(value, _SIMPLE) or (
+            isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value)
+        ):
+            attrs[key] = value
+    return attrs
+
+
+class _Recorder:
+    """Hook state: the calls so far and which live tensor each call produced."""
+
+    def __init__(self, model_input: torch.Tensor) -> None:
+        self.calls: list[TorchCall] = []
+        self.activations: dict[int, np.ndarray] = {}
+        self.parameters: dict[int, dict[str, np.ndarray]] = {}
+        # id(tensor) -> (weakref to it, its version when recorded, producing call).
+        # Weak, so that capture does not keep every original activation alive.
+        self._producer: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._count: dict[str, int] = {}
+        self._pending: list[tuple[int | None, ...]] = []  # producers of calls in progress
+        self._remember(model_input, -1)
+
+    def _remember(self, tensor: torch.Tensor, call: int) -> None:
+        self._producer[id(tensor)] = (weakref.ref(tensor), tensor._version, call)
+
+    def producer_of(self, tensor: torch.Tensor) -> tuple[int | None, bool]:
+        """The call that produced ``tensor`` and whether its values are unchanged since."""
+        entry = self._producer.get(id(tensor))
+        if entry is None or entry[0]() is not tensor:
+            return None, False
+        _, version, call = entry
+        return call, tensor._version == version
+
+    def before(self, args: tuple) -> None:
+        """Forward pre-hook: note the producers now, before an in-place module changes them."""
+        # A producer counts only if its tensor still holds the values it made:
+        # `x += skip` between two modules makes the input a functional op's result.
+        self._pending.append(
+            tuple(c if same else None for c, same in map(self.producer_of, _tensors(args))))
+
+    def hook(self, path: str, module: torch.nn.Module, output: Any) -> None:
+        producers = self._pending.pop() if self._pending else ()
+        outs = _tensors(output)
+        if not outs:
+            return
+        nth = self._count.get(path, 0)
+        self._count[path] = nth + 1
+        attrs = _simple_attrs(module)
+        params = {
+            name: p.detach().float().cpu().numpy().copy()
+            for name, p in module.named_parameters(recurse=False)
+        }
+        for position, tensor in enumerate(outs):
+            index = len(self.calls)
+            source, unchanged = self.producer_of(tensor)
+            alias = source if unchanged else None
+            self.calls.append(
+                TorchCall(
+                    index=index, module=path, call=nth, module_type=type(module).__name__,
+                    shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."),
+                    producers=producers, alias_of=alias, attrs=attrs,
+                    output=position, outputs=len(outs),
+                )
+            )
+            if alias is None:
+                self.activations[index] = _to_numpy(tensor)
+                if params:
+                    self.parameters[index] = params
+            self._remember(tensor, index)
+
+    def mutated_later(self) -> set[int]:
+        """Calls whose output tensor was changed in place after its hook copied it."""
+        changed = set()
+        for ref, version, call in self._producer.values():
+            tensor = ref()
+            if call >= 0 and tensor is not None and tensor._version != version:
+                changed.add(call)
+        return changed
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    t = tensor.detach()
+    if t.is_floating_point() and t.dtype != torch.float64:
+        t = t.float()
+    return t.cpu().numpy().copy()
+
+
+@contextlib.contextmanager
+def _hooks(model: torch.nn.Module, recorder: _Recorder) -> Iterator[None]:
+    handles = []
+    try:
+        for path, module in model.named_modules():
+            if module is model:
+                continue
+            handles.append(module.register_forward_pre_hook(lambda m, a: recorder.before(a)))
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, _p=path: recorder.hook(_p, m, o)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def training_modules(model: torch.nn.Module) -> tuple[str, ...]:
+    """Modules whose output depends on training mode and that are in it."""
+    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd,
+             torch.nn.modules.instancenorm._InstanceNorm)
+    return tuple(
+        path or type(model).__name__
+        for path, m in model.named_modules()
+        if m.training and isinstance(m, kinds)
+        and not (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p == 0)
+    )
+
+
+def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True) -> TorchCapture:
+    """Run ``model`` once on a private copy of ``example`` and record every submodule call.
+
+    TorchScript modules take no hooks: for them only the final outputs are captured.
+    """
+    own_input = example.clone()
+    recorder = _Recorder(own_input)
+    use_hooks = hooks and not isinstance(model, torch.jit.ScriptModule)
+    try:
+        with torch.no_grad():
+            if use_hooks:
+                with _hooks(model, recorder):
+                    result = model(own_input)
+            else:
+                result = model(own_input)
+    except Exception as exc:  # the user's model failed on our input
+        raise LayerdiffError(
+            f"the PyTorch model failed on an input of shape {tuple(example.shape)}: "
+            f"{type(exc).__name__}: {_first_line(exc)}",
+            hint="check --input-shape (N,C,H,W): channels and a size the model accepts",
+        ) from exc
+    outputs = [_to_numpy(t) for t in _tensors(result)]
+    if not outputs:
+        raise LayerdiffError(
+            "the PyTorch model returned no tensor", hint="layerdiff compares tensor outputs"
+        )
+    mutated = recorder.mutated_later()
+    calls = [
+        TorchCall(**{**vars(c), "mutated_later": True}) if c.index in mutated else c
+        for c in recorder.calls
+    ]
+    return TorchCapture(
+        calls=calls,
+        activations=recorder.activations,
+        outputs=outputs,
+        input_mutated=not torch.equal(own_input, example),
+        training_modules=training_modules(model) if isinstance(model, torch.nn.Module) else (),
+        parameters=recorder.parameters,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""

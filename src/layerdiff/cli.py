@@ -1,0 +1,134 @@
+"""Command line: parse arguments, call the library, print, write, exit. Nothing else.
+
+Exit codes: 0 pass, 1 diverged, 2 error (bad input, or a model onnxruntime cannot load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+import webbrowser
+from pathlib import Path
+
+from .errors import LayerdiffError, UsageError
+
+EXPORTERS = ("dynamo", "legacy")
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerdiff",
+        description="Find the first layer where an ONNX export disagrees with its PyTorch model.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    report = sub.add_parser(
+        "report", help="diagnose a model and write an HTML report",
+        description="Compare a PyTorch model with its ONNX export layer by layer.",
+    )
+    report.add_argument("model", metavar="MODEL",
+                        help=".pth/.pt/.ckpt/.safetensors state dict (spandrel) or TorchScript archive")
+    report.add_argument("--onnx", metavar="FILE", help="diagnose this ONNX file instead of exporting")
+    report.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
+                        help="exporter used when --onnx is not given (default: dynamo; "
+                             "falls back to the other if it fails)")
+    report.add_argument("--opset", type=int, metavar="N", help="ONNX opset for the export")
+    report.add_argument("--input-shape", metavar="N,C,H,W", type=_shape,
+                        help="input tensor shape (default: 1,<model channels>,64,64)")
+    report.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    report.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    report.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    report.add_argument("--ignore-layer", action="append", default=[], metavar="PATTERN",
+                        help="glob over module paths and ONNX node names, or op:TYPE "
+                             "(e.g. 'body.*.upconv', 'op:Resize'); repeatable")
+    report.add_argument("-o", "--output", metavar="PATH",
+                        help="HTML report path (default: layerdiff_report/<model>.html); "
+                             "an export goes into the same folder")
+    report.add_argument("--json", metavar="PATH", help="also write the diagnosis as JSON")
+    report.add_argument("--open", action="store_true", help="open the report in a browser")
+    report.add_argument("--trust-pickle", action="store_true",
+                        help="allow loading a fully pickled model (runs code from the file)")
+    report.add_argument("--ort-level", choices=ORT_LEVELS, default="all",
+                        help="onnxruntime graph optimisation level to check (default: all)")
+    report.add_argument("--provider", default="CPUExecutionProvider",
+                        help="onnxruntime execution provider (default: CPUExecutionProvider)")
+    report.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
+    report.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and exporter output")
+    return parser
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64") from None
+    if len(dims) != 4 or min(dims) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64 (N,C,H,W > 0)")
+    return dims
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
+    try:
+        return _report(args)
+    except LayerdiffError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _report(args: argparse.Namespace) -> int:
+    # Imported here so that `layerdiff --help` answers without loading torch.
+    from . import render
+    from .pipeline import diagnose
+
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise UsageError(f"-o {output} is a folder", hint="give a file path such as report.html")
+    interactive = sys.stderr.isatty() and not args.quiet
+
+    def progress(stage: str) -> None:
+        if interactive:
+            print(f"layerdiff: {stage}...", file=sys.stderr)
+
+    default_dir = Path("layerdiff_report")
+    diagnosis = diagnose(
+        args.model, args.onnx, input_shape=args.input_shape, seed=args.seed,
+        rtol=args.rtol, atol=args.atol, ignore=tuple(args.ignore_layer),
+        exporter=args.exporter, opset=args.opset,
+        output_dir=output.parent if output else default_dir,
+        trust_pickle=args.trust_pickle, ort_level=args.ort_level, provider=args.provider,
+        progress=progress,
+    )
+    if output is None:
+        stem = diagnosis.model.path.stem if diagnosis.model and diagnosis.model.path else "model"
+        output = default_dir / f"{stem}.html"
+    render.write_html(diagnosis, output)
+    if args.json:
+        render.write_json(diagnosis, Path(args.json))
+
+    if args.quiet:
+        print(f"{diagnosis.verdict}: {output}")
+    else:
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        print(render.console_summary(diagnosis, color=color))
+        print(f"report: {output}")
+        if args.json:
+            print(f"json:   {args.json}")
+    if args.open:
+        webbrowser.open(output.resolve().as_uri())
+    return diagnosis.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""From compared layers to a verdict: ignore patterns, first divergence, summary.
+
+The first divergence is, in ONNX execution (topological) order, the first aligned,
+non-ignored layer that fails. Every aligned layer upstream of it comes earlier in that
+order, so all of them pass (or are ignored, which the record then says). When
+onnxruntime fails on a node, that node is the first divergence unless a layer before it
+already failed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import numpy as np
+
+from .capture_onnx import OnnxGraph, RuntimeFailure
+from .compare import compare
+from .records import (
+    Alignment, FirstDivergence, LayerResult, Metrics, OnnxNodeInfo, OutputResult, TorchCall,
+)
+
+REGION_LIMIT = 40  # suspects listed for a first divergence
+
+
+def is_ignored(patterns: Sequence[str], module: str, onnx_node: str, op_type: str) -> bool:
+    """fnmatch globs over module paths and ONNX node names; ``op:Resize`` for op types."""
+    for pattern in patterns:
+        if pattern.startswith("op:"):
+            if fnmatch.fnmatchcase(op_type, pattern[3:]):
+                return True
+        elif fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(onnx_node, pattern):
+            return True
+    return False
+
+
+def layer_results(
+    alignment: Alignment,
+    calls: Sequence[TorchCall],
+    torch_values: dict[int, np.ndarray],
+    onnx_values: dict[str, np.ndarray],
+    *, rtol: float, atol: float, ignore: Sequence[str],
+) -> list[LayerResult]:
+    layers = []
+    for pair in alignment.pairs:
+        call = calls[pair.call]
+        value = onnx_values.get(pair.onnx_tensor)
+        metrics = None if value is None else compare(torch_values[pair.call], value,
+                                                     rtol=rtol, atol=atol)
+        ignored = is_ignored(ignore, call.label, pair.onnx_node, pair.op_type)
+        if metrics is None:
+            status = "not_run"
+        elif ignored:
+            status = "ignored"
+        else:
+            status = "pass" if metrics.passed else "fail"
+        layers.append(LayerResult(
+            module=call.label, module_type=call.module_type, onnx_tensor=pair.onnx_tensor,
+            onnx_node=pair.onnx_node, op_type=pair.op_type, order=pair.order,
+            method=pair.method, metrics=metrics, ignored=ignored, status=status,
+        ))
+    return layers
+
+
+def output_results(torch_outputs: Sequence[np.ndarray], onnx_outputs: Sequence[np.ndarray] | None,
+                   names: Sequence[str], *, rtol: float, atol: float) -> list[OutputResult]:
+    if onnx_outputs is None:
+        return []
+    return [OutputResult(name, compare(t, o, rtol=rtol, atol=atol))
+            for name, t, o in zip(names, torch_outputs, onnx_outputs)]
+
+
+def first_divergence(
+    layers: Sequence[LayerResult],
+    graph: OnnxGraph,
+    alignment: Alignment,
+    calls: Sequence[TorchCall],
+    failure: RuntimeFailure | None,
+) -> FirstDivergence | None:
+    failing = next((l for l in layers if l.status == "fail"), None)
+    failed_node = next((n for n in graph.nodes if failure and n.name == failure.node), None)
+    if failing is not None and (failed_node is None or failing.order < failed_node.index):
+        return _numeric(failing, layers, graph, alignment, calls)
+    if failure is not None:
+        return _runtime(failure, failed_node, layers, graph, alignment, calls)
+    return None
+
+
+def _numeric(layer: LayerResult, layers, graph, alignment, calls) -> FirstDivergence:
+    metrics: Metrics = layer.metrics  # type: ignore[assignment]
+    if metrics.shape_torch != metrics.shape_onnx:
+        kind = "shape_mismatch"
+    elif metrics.reason.startswith("NaN/Inf"):
+        kind = "nonfinite"
+    else:
+        kind = "numeric"
+    call = _call_for(layer.module, calls)
+    region = _region(graph, graph.producer[layer.onnx_tensor], alignment)
+    return FirstDivergence(
+        module=layer.module, onnx_node=layer.onnx_node, op_type=layer.op_type, kind=kind,
+        max_abs=metrics.max_abs, message=metrics.reason, region=region,
+        module_type=layer.module_type, torch_attrs=dict(call.attrs) if call else {},
+        downstream_of_ignored=_ignored_failing_ancestors(layer, layers, graph),
+    )
+
+
+def _runtime(failure, node, layers, graph, alignment, calls) -> FirstDivergence:
+    module, module_type, attrs = "", "", {}
+    if node is not None:
+        # The module whose output is the first aligned tensor computed from the failing node.
+        tainted = _descendant_tensors(graph, node.index)
+        owner = next((l for l in layers if l.onnx_tensor in tainted), None)
+        if owner is not None:
+            module, module_type = owner.module, owner.module_type
+            call = _call_for(owner.module, calls)
+            attrs = dict(call.attrs) if call else {}
+    region = _region(graph, node.index, alignment) if node is not None else ()
+    summary = failure.message.strip().splitlines()[0] if failure.message.strip() else "failed"
+    return FirstDivergence(
+        module=module, onnx_node=failure.node, op_type=failure.op_type or (node.op_type if node else ""),
+        kind="runtime_error", max_abs=None, message=summary, region=region,
+        module_type=module_type, torch_attrs=attrs,
+    )
+
+
+def _call_for(label: str, calls: Sequence[TorchCall]) -> TorchCall | None:
+    return next((c for c in calls if c.label == label), None)
+
+
+def _region(graph: OnnxGraph, start: int, alignment: Alignment) -> tuple[OnnxNodeInfo, ...]:
+    """Nodes that computed ``start``'s output from aligned tensors, inputs and constants."""
+    aligned = {p.onnx_tensor for p in alignment.pairs}
+    seen, stack = {start}, [start]
+    while stack and len(seen) < REGION_LIMIT:
+        node = graph.nodes[stack.pop()]
+        for name in node.inputs:
+            producer = graph.producer.get(name)
+            if producer is None or name in aligned or producer in seen:
+                continue
+            seen.add(producer)
+            stack.append(producer)
+    return tuple(OnnxNodeInfo(graph.nodes[i].name, graph.nodes[i].op_type, graph.nodes[i].attrs)
+                 for i in sorted(seen) if graph.nodes[i].op_type != "Constant")
+
+
+def _descendant_tensors(graph: OnnxGraph, start: int) -> set[str]:
+    tainted = set(graph.nodes[start].outputs)
+    for node in graph.nodes[start + 1:]:
+        if any(i in tainted for i in node.inputs):
+            tainted.update(node.outputs)
+    return tainted
+
+
+def _ignored_failing_ancestors(layer: LayerResult, layers, graph: OnnxGraph) -> tuple[str, ...]:
+    suspects = [l for l in layers if l.ignored and l.metrics is not None and not l.metrics.passed
+                and l.order < layer.order]
+    return tuple(l.module for l in suspects
+                 if layer.onnx_tensor in _descendant_tensors(graph, graph.producer[l.onnx_tensor]))
+
+
+def verdict(layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
+            first: FirstDivergence | None) -> tuple[str, bool]:
+    """("pass" | "diverged", masked): masked when a layer fails but every output passes."""
+    layer_failed = any(l.status == "fail" for l in layers)
+    output_failed = any(not o.passed for o in outputs) or not outputs
+    if first is None and not layer_failed and outputs and not output_failed:
+        return "pass", False
+    masked = bool(outputs) and not output_failed and (layer_failed or first is not None)
+    return "diverged", masked
+
+
+def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
+              first: FirstDivergence | None, masked: bool, rtol: float, atol: float,
+              unmatched: int) -> str:
+    compared = [l for l in layers if l.metrics is not None]
+    counted = [l for l in compared if not l.ignored]
+    tolerance = f"rtol={rtol:g}, atol={atol:g}"
+    if verdict_ == "pass":
+        text = (f"The ONNX model agrees with PyTorch: all {len(counted)} compared layers and "
+                f"{len(outputs)} output(s) are within {tolerance}.")
+    elif first is not None and first.kind == "runtime_error":
+        where = f" ({first.module})" if first.module else ""
+        text = (f"onnxruntime fails at {first.op_type} node '{first.onnx_node}'{where}: "
+                f"{first.message}. Layers before it were compared; nothing after it ran.")
+    elif first is not None:
+        failing = sum(1 for l in counted if l.status == "fail")
+        metrics = next(l.metrics for l in layers if l.module == first.module)
+        rel = metrics.max_abs / metrics.scale if metrics and metrics.scale else float("nan")
+        text = (f"The ONNX model diverges from PyTorch. The first divergence is at "
+                f"{first.module} ({first.module_type}, ONNX {first.op_type} '{first.onnx_node}'): "
+                f"max error {first.max_abs:.3g}, {rel:.2g} of that layer's range. "
+                f"{failing} of {len(counted)} compared layers fail ({tolerance}).")
+        if first.downstream_of_ignored:
+            text += (" It lies downstream of ignored layers that fail ("
+                     + ", ".join(first.downstream_of_ignored[:3])
+                     + "), so part of its error may come from them.")
+    else:
+        worst = max(outputs, key=lambda o: o.metrics.max_abs, default=None)
+        text = ("The final output differs from PyTorch but no aligned layer fails"
+                + (f" (max error {worst.metrics.max_abs:.3g})" if worst else "")
+                + ": the cause lies in layers that could not be aligned.")
+    if masked:
+        text += " The final output still passes: the divergence is masked downstream."
+    elif verdict_ != "pass" and outputs:
+        worst = max(outputs, key=lambda o: o.metrics.max_abs)
+        if not worst.passed:
+            text += f" The final output differs by up to {worst.metrics.max_abs:.3g}."
+    if unmatched:
+        text += f" {unmatched} module call(s) could not be aligned (listed in the report)."
+    return text

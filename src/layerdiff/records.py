@@ -1,0 +1,244 @@
+"""Plain, frozen records passed between the pipeline's stages.
+
+load -> export -> capture torch -> capture onnx -> align -> compare -> diagnose -> render.
+Every stage takes and returns these; none reaches back into an earlier stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = "layerdiff/1"
+
+
+# --------------------------------------------------------------------------- load / export
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A PyTorch model ready to run, plus what we learnt while loading it."""
+
+    module: Any  # torch.nn.Module (or a TorchScript module)
+    path: Path | None
+    kind: str  # "spandrel" | "torchscript" | "pickle" | "module"
+    architecture: str  # e.g. "ESRGAN", or the class name
+    input_channels: int
+    output_channels: int | None = None
+    scale: int | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OnnxSource:
+    """The ONNX file under diagnosis and where it came from."""
+
+    path: Path
+    exporter: str  # "dynamo" | "legacy" | "user" (given with --onnx)
+    opset: int | None = None
+    producer: str = ""
+    notes: tuple[str, ...] = ()  # e.g. "dynamo exporter crashed (SIGSEGV); used legacy"
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass(frozen=True)
+class TorchCall:
+    """One call of one submodule during the reference forward pass.
+
+    ``producers`` names, for each tensor argument, the call that produced it
+    (index into the call list), -1 for the model input, None when unknown
+    (made by a functional op between modules). ``alias_of`` is set when the module
+    returned, unchanged, a tensor another call produced (a Sequential returning its
+    last child's output, an Identity): it shares that call's ONNX tensor.
+    """
+
+    index: int
+    module: str  # module path, e.g. "body.0.conv1"
+    call: int  # 0 for the first call of this module, 1 for the second...
+    module_type: str  # class name, e.g. "Conv2d"
+    shape: tuple[int, ...]
+    dtype: str
+    producers: tuple[int | None, ...] = ()
+    alias_of: int | None = None  # call index, or -1 for the model input
+    mutated_later: bool = False  # output changed in place after the hook ran (res += x)
+    attrs: dict[str, Any] = field(default_factory=dict)  # simple module attributes
+    output: int = 0  # which tensor of a module that returns several
+    outputs: int = 1  # how many tensors that call returned
+
+    @property
+    def label(self) -> str:
+        """Module path, ``#n`` for later calls of a shared module, ``[i]`` for one of several outputs."""
+        label = self.module if self.call == 0 else f"{self.module}#{self.call}"
+        return label if self.outputs == 1 else f"{label}[{self.output}]"
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+@dataclass(frozen=True)
+class OnnxNodeInfo:
+    name: str
+    op_type: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A torch call aligned with the ONNX tensor that holds the same value."""
+
+    call: int  # TorchCall.index
+    onnx_tensor: str
+    onnx_node: str  # node producing the tensor
+    op_type: str
+    order: int  # position of the producing node in ONNX topological order
+    method: str  # "scope" | "weights" (equal) | "weights~" (close, not equal) | "structure"
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Alignment:
+    pairs: tuple[Pair, ...]
+    aliases: tuple[tuple[int, int], ...]  # (call, call it shares a tensor with)
+    unmatched_torch: tuple[Unmatched, ...]
+    unmatched_onnx: tuple[Unmatched, ...]
+    has_scopes: bool  # the ONNX file kept module names
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How far an ONNX tensor is from its torch reference. See compare.py for the rule."""
+
+    shape_torch: tuple[int, ...]
+    shape_onnx: tuple[int, ...]
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+    scale: float  # max |torch value|: what "large" means for this tensor
+    outlier_share: float  # share of elements outside atol + rtol * |torch|
+    nan_torch: int = 0
+    nan_onnx: int = 0
+    inf_torch: int = 0
+    inf_onnx: int = 0
+    passed: bool = True
+    reason: str = ""  # why it failed, in words; "" when it passed
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    module: str  # TorchCall.label
+    module_type: str
+    onnx_tensor: str
+    onnx_node: str
+    op_type: str
+    order: int
+    method: str
+    metrics: Metrics | None  # None when onnxruntime never produced the tensor
+    ignored: bool = False
+    status: str = "pass"  # "pass" | "fail" | "ignored" | "not_run"
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.metrics is None else self.metrics.passed
+
+
+@dataclass(frozen=True)
+class OutputResult:
+    name: str
+    metrics: Metrics
+
+    @property
+    def passed(self) -> bool:
+        return self.metrics.passed
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+
+@dataclass(frozen=True)
+class FirstDivergence:
+    module: str
+    onnx_node: str
+    op_type: str
+    kind: str  # "numeric" | "shape_mismatch" | "nonfinite" | "runtime_error"
+    max_abs: float | None
+    message: str
+    # ONNX nodes that computed this tensor from passing, aligned inputs: the suspects.
+    region: tuple[OnnxNodeInfo, ...] = ()
+    module_type: str = ""
+    torch_attrs: dict[str, Any] = field(default_factory=dict)
+    downstream_of_ignored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    rule: str
+    title: str
+    detail: str
+    fix: str
+    layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Observations the rules read besides the layer table."""
+
+    input_mutated: bool = False
+    training_modules: tuple[str, ...] = ()  # modules left in training mode that matter
+    onnx_training_nodes: tuple[str, ...] = ()  # BatchNormalization training_mode=1, ...
+    mutated_outputs: tuple[str, ...] = ()  # modules whose output changed after the hook
+    onnx_input_shape: tuple[int | str | None, ...] = ()  # as declared by the graph
+    # Re-run with every onnxruntime graph optimisation off (only when diverged):
+    # None = not re-run; True = the divergence vanished; False = it stayed.
+    vanishes_without_ort_optimisation: bool | None = None
+    ort_optimisation_level: str = "all"
+
+
+@dataclass(frozen=True)
+class Settings:
+    rtol: float
+    atol: float
+    input_shape: tuple[int, ...]
+    seed: int
+    ignore: tuple[str, ...]
+    provider: str = "CPUExecutionProvider"
+    ort_level: str = "all"
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    verdict: str  # "pass" | "diverged" | "error"
+    summary: str
+    model: LoadedModel | None
+    onnx: OnnxSource | None
+    settings: Settings
+    versions: dict[str, str]
+    outputs: tuple[OutputResult, ...] = ()
+    layers: tuple[LayerResult, ...] = ()
+    first_divergence: FirstDivergence | None = None
+    masked: bool = False  # a layer failed but the final output passes
+    suggestions: tuple[Suggestion, ...] = ()
+    alignment: Alignment | None = None
+    calls: tuple[TorchCall, ...] = ()
+    facts: Facts = Facts()
+    notes: tuple[str, ...] = ()
+    error: str | None = None
+    # Small arrays the report shows (|diff| of the first divergence, ...), never serialised.
+    previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def exit_code(self) -> int:
+        return {"pass": 0, "diverged": 1}.get(self.verdict, 2)

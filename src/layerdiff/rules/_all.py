@@ -1,0 +1,3 @@
+"""The shipped rules, in the order their suggestions are listed."""
+
+RULES: list = []
