@@ -67,3 +67,23 @@ def pixel_shuffle_dcr(model: onnx.ModelProto, index: int = 0) -> tuple[onnx.Mode
 def leaky_slope(model: onnx.ModelProto, alpha: float = 0.1, index: int = 0) -> tuple[onnx.ModelProto, str]:
     """An activation exported with the wrong negative slope."""
     return set_attribute(model, "LeakyRelu", "alpha", alpha, index)
+
+
+def export_without_names(module, example, path, opset: int = 17) -> None:
+    """Export the way chaiNNer does: through a wrapper that is not an nn.Module.
+
+    Tracing a plain function loses every module name (nodes become ``/Conv_12``) and
+    turns the weights into Constant nodes: alignment by name is impossible.
+    """
+    import contextlib
+    import io
+
+    import torch
+
+    module.requires_grad_(False)
+    traced = torch.jit.trace(lambda t: module(t), example)
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(traced, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {2: "height", 3: "width"},
+                                        "output": {2: "height", 3: "width"}})

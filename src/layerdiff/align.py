@@ -32,6 +32,9 @@ from .capture_onnx import OnnxGraph, OnnxNode
 from .records import Alignment, Pair, TorchCall, Unmatched
 
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# Ops whose second input is a module's 1-D weight (a norm's scale, PReLU's slope).
+SCALED_OPS = {"LayerNormalization", "BatchNormalization", "InstanceNormalization",
+              "GroupNormalization", "PRelu"}
 
 # Module types whose output is a single ONNX op's output (used to follow data flow).
 MODULE_OPS: dict[str, set[str]] = {
@@ -60,6 +63,9 @@ class _State:
     input_tensor: str
     pairs: dict[int, Pair] = field(default_factory=dict)
     instance: dict[int, set[int]] = field(default_factory=dict)  # call -> its ONNX nodes
+    # Calls whose instance is known to be the whole module (scope, weights, one-op
+    # modules): only their inputs can be attributed to their producers.
+    complete: set[int] = field(default_factory=set)
     claimed: dict[str, int] = field(default_factory=dict)  # tensor -> call
     why_not: dict[int, str] = field(default_factory=dict)
 
@@ -88,6 +94,11 @@ class _State:
         node = self.graph.node_of(tensor)
         if node is None:  # a graph input: nothing computed it
             return False
+        ops = MODULE_OPS.get(self.calls[call].module_type)
+        if method == "structure" and ops is not None and node.op_type not in ops:
+            return False  # a one-op module must land on its op
+        if method != "structure" or ops is not None:
+            self.complete.add(call)
         self.pairs[call] = Pair(
             call=call, onnx_tensor=tensor, onnx_node=node.name, op_type=node.op_type,
             order=node.index, method=method,
@@ -253,21 +264,32 @@ def _match_by_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]
     graph = state.graph
     nodes_by_weight: dict[str, list[OnnxNode]] = defaultdict(list)
     for node in graph.nodes:
-        if node.op_type not in WEIGHTED_OPS or len(node.inputs) < 2:
+        if node.op_type not in WEIGHTED_OPS | SCALED_OPS or len(node.inputs) < 2:
             continue
         weight = graph.constants.get(node.inputs[1])
-        if weight is None or weight.ndim < 2 or weight.dtype.kind != "f":
+        if weight is None or weight.dtype.kind != "f":
             continue
         nodes_by_weight[_digest(weight)].append(node)
         if weight.ndim == 2:  # MatMul holds Linear's weight transposed
             nodes_by_weight[_digest(weight.T)].append(node)
 
+    # Weights that several *different* modules share (an untrained LayerNorm's ones)
+    # say nothing about which is which.
+    owners: dict[str, set[str]] = defaultdict(set)
+    for call in state.calls:
+        weight = parameters.get(call.index, {}).get("weight")
+        if weight is not None:
+            owners[_digest(weight)].add(call.module)
+
     used: set[int] = set()
     for call in state.calls:
         weight = parameters.get(call.index, {}).get("weight")
-        if call.index in state.pairs or weight is None or weight.ndim < 2:
+        if call.index in state.pairs or weight is None:
             continue
-        for node in nodes_by_weight.get(_digest(weight), ()):
+        digest = _digest(weight)
+        if len(owners[digest]) > 1:
+            continue
+        for node in nodes_by_weight.get(digest, ()):
             if node.index in used:
                 continue
             if _add_weighted(state, call, node, parameters, "weights"):
@@ -352,7 +374,7 @@ def _follow_data_flow(state: _State) -> bool:
     graph = state.graph
     for call in state.calls:
         # Rule 1: a paired module's outside input is what its producer made.
-        if call.index in state.pairs:
+        if call.index in state.complete:
             # Only when torch says every input came straight from a module (no
             # functional op in between, which ONNX would show as extra nodes).
             producers = {state.real(p) for p in call.producers}
@@ -364,6 +386,8 @@ def _follow_data_flow(state: _State) -> bool:
                 if len(fitting) == 1:
                     progress |= state.add(unpaired[0], _before_pass_through(graph, fitting[0]),
                                           "structure", set())
+            continue
+        if call.index in state.pairs:
             continue
         # Rule 2: the single consumer of the producer's tensor with this module's op.
         if call.alias_of is not None or call.module_type not in MODULE_OPS or not call.producers:
@@ -426,3 +450,26 @@ def _shape_fits(onnx_shape: tuple | None, torch_shape: tuple[int, ...]) -> bool:
     if len(onnx_shape) != len(torch_shape):
         return False
     return all(not isinstance(a, int) or a == b for a, b in zip(onnx_shape, torch_shape))
+
+
+def drop_misfits(alignment: Alignment, calls: list[TorchCall],
+                 values: dict[str, np.ndarray]) -> Alignment:
+    """Unpair structural guesses whose tensor turned out to have another shape at run time.
+
+    Shape inference cannot size every tensor of a graph with dynamic axes; the run can.
+    A structural pair of the wrong shape was a wrong guess, not a divergence.
+    """
+    keep, dropped = [], []
+    for pair in alignment.pairs:
+        value = values.get(pair.onnx_tensor)
+        if pair.method == "structure" and value is not None and value.shape != calls[pair.call].shape:
+            dropped.append(Unmatched(calls[pair.call].label,
+                                     f"the tensor it was paired with by structure has shape "
+                                     f"{tuple(value.shape)}; not paired"))
+        else:
+            keep.append(pair)
+    if not dropped:
+        return alignment
+    return Alignment(pairs=tuple(keep), aliases=alignment.aliases,
+                     unmatched_torch=alignment.unmatched_torch + tuple(dropped),
+                     unmatched_onnx=alignment.unmatched_onnx, has_scopes=alignment.has_scopes)

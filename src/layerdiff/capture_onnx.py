@@ -208,10 +208,11 @@ def run(
     *,
     level: str = "all",
     provider: str = "CPUExecutionProvider",
+    config: tuple[tuple[str, str], ...] = (),
 ) -> OnnxRun:
     """Run ``graph`` once with the tensors in ``mark`` exposed as extra outputs."""
     mark = [m for m in dict.fromkeys(mark) if m not in graph.outputs]
-    session = _session(_instrumented(graph, mark, keep_outputs=True), level, provider)
+    session = _session(_instrumented(graph, mark, keep_outputs=True), level, provider, config)
     names = [o.name for o in session.get_outputs()]
     try:
         values = session.run(names, feeds)
@@ -220,7 +221,7 @@ def run(
         upstream = _upstream_only(graph, mark, failure.node)
         partial: dict[str, np.ndarray] = {}
         if upstream:
-            sub = _session(_instrumented(graph, upstream, keep_outputs=False), level, provider)
+            sub = _session(_instrumented(graph, upstream, keep_outputs=False), level, provider, config)
             partial = dict(zip([o.name for o in sub.get_outputs()],
                                sub.run(None, _needed(sub, feeds))))
         return OnnxRun(values=partial, outputs=None, failure=failure)
@@ -232,9 +233,10 @@ def run(
 
 
 def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], *, level: str = "all",
-              provider: str = "CPUExecutionProvider") -> list[np.ndarray]:
+              provider: str = "CPUExecutionProvider",
+              config: tuple[tuple[str, str], ...] = ()) -> list[np.ndarray]:
     """Run the model as the user would: no marked outputs."""
-    session = _session(graph.model.SerializeToString(), level, provider)
+    session = _session(graph.model.SerializeToString(), level, provider, config)
     return session.run(None, feeds)
 
 
@@ -255,10 +257,13 @@ def _instrumented(graph: OnnxGraph, mark: list[str], *, keep_outputs: bool) -> b
     return gs.export_onnx(g).SerializeToString()
 
 
-def _session(model: bytes, level: str, provider: str) -> ort.InferenceSession:
+def _session(model: bytes, level: str, provider: str,
+             config: tuple[tuple[str, str], ...] = ()) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.log_severity_level = 3
+    for key, value in config:  # session options the user deploys with
+        options.add_session_config_entry(key, value)
     try:
         return ort.InferenceSession(model, options, providers=[provider])
     except Exception as exc:

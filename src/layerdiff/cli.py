@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow loading a fully pickled model (runs code from the file)")
     report.add_argument("--ort-level", choices=ORT_LEVELS, default="all",
                         help="onnxruntime graph optimisation level to check (default: all)")
+    report.add_argument("--ort-config", action="append", default=[], metavar="KEY=VALUE",
+                        type=_config_entry,
+                        help="onnxruntime session config entry you deploy with, e.g. "
+                             "optimization.enable_gelu_approximation=1; repeatable")
     report.add_argument("--provider", default="CPUExecutionProvider",
                         help="onnxruntime execution provider (default: CPUExecutionProvider)")
     report.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
@@ -67,6 +71,13 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(dims) != 4 or min(dims) <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64 (N,C,H,W > 0)")
     return dims
+
+
+def _config_entry(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE")
+    return key.strip(), value.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +118,8 @@ def _report(args: argparse.Namespace) -> int:
         rtol=args.rtol, atol=args.atol, ignore=tuple(args.ignore_layer),
         exporter=args.exporter, opset=args.opset,
         output_dir=output.parent if output else default_dir,
-        trust_pickle=args.trust_pickle, ort_level=args.ort_level, provider=args.provider,
+        trust_pickle=args.trust_pickle, ort_level=args.ort_level,
+        ort_config=dict(args.ort_config), provider=args.provider,
         progress=progress,
     )
     if output is None:

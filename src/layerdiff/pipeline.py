@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge
-from .align import align
+from .align import align, drop_misfits
 from .errors import UsageError
 from .exporting import describe_onnx, export_onnx
 from .loading import from_module, load_model
@@ -40,6 +40,7 @@ def diagnose(
     output_dir: str | Path = "layerdiff_report",
     trust_pickle: bool = False,
     ort_level: str = "all",
+    ort_config: dict[str, str] | None = None,
     provider: str = "CPUExecutionProvider",
     progress: Progress | None = None,
 ) -> Diagnosis:
@@ -59,7 +60,8 @@ def diagnose(
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     example = make_input(shape, seed)
     settings = Settings(rtol=rtol, atol=atol, input_shape=shape, seed=seed,
-                        ignore=tuple(ignore), provider=provider, ort_level=ort_level)
+                        ignore=tuple(ignore), provider=provider, ort_level=ort_level,
+                        ort_config=tuple((ort_config or {}).items()))
 
     if onnx is None:
         say(f"exporting with the {exporter} exporter")
@@ -81,11 +83,12 @@ def diagnose(
     say("running onnxruntime with intermediate tensors exposed")
     try:
         run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
-                               level=ort_level, provider=provider)
+                               level=ort_level, provider=provider, config=settings.ort_config)
     except capture_onnx.OnnxLoadError as exc:
         return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
 
     say("comparing")
+    alignment = drop_misfits(alignment, captured.calls, run.values)
     layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
                                  rtol=rtol, atol=atol, ignore=settings.ignore)
     outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs, rtol=rtol, atol=atol)
@@ -206,7 +209,8 @@ def _training_nodes(graph: capture_onnx.OnnxGraph) -> tuple[str, ...]:
 def _vanishes_unoptimised(graph, feeds, alignment, captured, settings: Settings) -> bool | None:
     try:
         run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
-                               level="disable", provider=settings.provider)
+                               level="disable", provider=settings.provider,
+                               config=settings.ort_config)
     except capture_onnx.OnnxLoadError:
         return None
     layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,

@@ -216,6 +216,7 @@ class Settings:
     ignore: tuple[str, ...]
     provider: str = "CPUExecutionProvider"
     ort_level: str = "all"
+    ort_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,966 @@
+"""Output layer: turn a :class:`~layerdiff.records.Diagnosis` into JSON, HTML and a
+terminal summary.
+
+Everything here is a pure function of the Diagnosis: no comparison, no alignment,
+no rule evaluation -- only formatting (and laying out the error-vs-depth chart).
+
+Public API::
+
+    to_json_dict(d)              -> dict   (schema "layerdiff/1")
+    write_json(d, path)          -> Path   (atomic)
+    render_html(d)               -> str    (one self-contained HTML page)
+    write_html(d, path)          -> Path   (atomic)
+    console_summary(d, color=)   -> str    (a few lines for the terminal)
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import math
+import os
+import secrets
+import struct
+import textwrap
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from .records import SCHEMA, Diagnosis, FirstDivergence, LayerResult, Metrics
+
+__all__ = [
+    "to_json_dict",
+    "write_json",
+    "render_html",
+    "write_html",
+    "console_summary",
+    "fmt_num",
+]
+
+TEMPLATE_NAME = "report.html.j2"
+
+KIND_LABELS = {
+    "numeric": "numeric mismatch",
+    "shape_mismatch": "shape mismatch",
+    "nonfinite": "non-finite values (NaN / inf)",
+    "runtime_error": "onnxruntime error",
+}
+
+VERDICT_LABELS = {"pass": "PASS", "diverged": "DIVERGED", "error": "ERROR"}
+
+
+# =========================================================================== numbers
+
+
+def _finite_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def fmt_num(x: Any) -> str:
+    """Compact number: 3 significant digits, scientific when small or very large.
+
+    ``None`` -> "–", NaN -> "NaN", infinities -> "inf" / "-inf", 0 -> "0".
+    """
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return str(x)
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "inf" if f > 0 else "-inf"
+    if f == 0:
+        return "0"
+    a = abs(f)
+    if 1e3 <= a < 1e5:
+        return f"{f:.0f}"
+    if 1e-3 <= a < 1e3:
+        s = f"{f:.3g}"
+        if "e" not in s:
+            return s
+    mant, exp = f"{f:.2e}".split("e")
+    if "." in mant:
+        mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+def fmt_cos(x: Any) -> str:
+    """Cosine similarity: fixed 6 decimals (it lives next to 1), NaN/None as fmt_num."""
+    f = _finite_or_none(x)
+    if f is None:
+        return fmt_num(x)
+    return f"{f:.6f}"
+
+
+def fmt_pct(x: Any) -> str:
+    """A share in [0, 1] as a compact percentage."""
+    f = _finite_or_none(x)
+    if f is None:
+        return fmt_num(x)
+    if f == 0:
+        return "0%"
+    if f < 1e-4:
+        return "<0.01%"
+    return f"{f * 100:.3g}%"
+
+
+def fmt_shape(shape: Any, sep: str = "×") -> str:
+    if shape is None:
+        return "–"
+    shape = tuple(shape)
+    if not shape:
+        return "scalar"
+    return sep.join("?" if s is None else str(s) for s in shape)
+
+
+def fmt_shapes(m: Metrics | None, sep: str = "×") -> str:
+    if m is None:
+        return "–"
+    a, b = tuple(m.shape_torch), tuple(m.shape_onnx)
+    if a == b:
+        return fmt_shape(a, sep)
+    return f"{fmt_shape(a, sep)} vs {fmt_shape(b, sep)}"
+
+
+def fmt_value(v: Any, limit: int = 160) -> str:
+    """Short human rendering of an attribute value (ONNX or torch)."""
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            v = bytes(v).decode("utf-8")
+        except UnicodeDecodeError:
+            v = f"<{len(v)} bytes>"
+    if isinstance(v, np.ndarray):
+        if v.size <= 16:
+            v = v.tolist()
+        else:
+            return f"array(shape={fmt_shape(v.shape, 'x')}, dtype={v.dtype})"
+    if isinstance(v, float):
+        s = fmt_num(v)
+    elif isinstance(v, (list, tuple)):
+        inner = ", ".join(fmt_value(x, limit) for x in v)
+        s = f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
+    elif isinstance(v, Mapping):
+        s = "{" + ", ".join(f"{k}: {fmt_value(x, limit)}" for k, x in v.items()) + "}"
+    else:
+        s = str(v)
+    if len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return s
+
+
+# =========================================================================== JSON
+
+
+def _plain(v: Any) -> Any:
+    """Best-effort conversion of an arbitrary value to JSON-valid data.
+
+    Non-finite floats become None; paths and unknown objects become strings.
+    """
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, (int, np.integer)) and not isinstance(v, np.bool_):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, (float, np.floating)):
+        return _finite_or_none(v)
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.ndarray):
+        if v.size <= 64:
+            return _plain(v.tolist())
+        return f"array(shape={list(v.shape)}, dtype={v.dtype})"
+    if isinstance(v, (bytes, bytearray)):
+        return fmt_value(v)
+    return str(v)
+
+
+def _metrics_json(m: Metrics | None) -> dict[str, Any]:
+    if m is None:
+        return {
+            "max_abs": None,
+            "mean_abs": None,
+            "max_rel": None,
+            "cosine": None,
+            "scale": None,
+            "outlier_share": None,
+            "shape_torch": None,
+            "shape_onnx": None,
+            "nan_torch": None,
+            "nan_onnx": None,
+            "inf_torch": None,
+            "inf_onnx": None,
+            "passed": None,
+            "reason": None,
+        }
+    return {
+        "max_abs": _finite_or_none(m.max_abs),
+        "mean_abs": _finite_or_none(m.mean_abs),
+        "max_rel": _finite_or_none(m.max_rel),
+        "cosine": _finite_or_none(m.cosine),
+        "scale": _finite_or_none(m.scale),
+        "outlier_share": _finite_or_none(m.outlier_share),
+        "shape_torch": [int(s) for s in m.shape_torch],
+        "shape_onnx": [int(s) for s in m.shape_onnx],
+        "nan_torch": int(m.nan_torch),
+        "nan_onnx": int(m.nan_onnx),
+        "inf_torch": int(m.inf_torch),
+        "inf_onnx": int(m.inf_onnx),
+        "passed": bool(m.passed),
+        "reason": m.reason,
+    }
+
+
+def _layer_index(d: Diagnosis, fd: FirstDivergence | None) -> int | None:
+    """Position in d.layers of the first divergence's row, if there is one."""
+    if fd is None:
+        return None
+    candidates = [i for i, r in enumerate(d.layers) if r.module == fd.module]
+    for i in candidates:
+        if d.layers[i].onnx_node == fd.onnx_node:
+            return i
+    if candidates:
+        return candidates[0]
+    for i, r in enumerate(d.layers):
+        if r.onnx_node == fd.onnx_node:
+            return i
+    return None
+
+
+def _call_labels(d: Diagnosis) -> dict[int, str]:
+    labels = {c.index: c.label for c in d.calls}
+    labels[-1] = "model input"
+    return labels
+
+
+def _aliases(d: Diagnosis) -> list[tuple[str, str]]:
+    if d.alignment is None:
+        return []
+    labels = _call_labels(d)
+    return [
+        (labels.get(a, f"call {a}"), labels.get(b, f"call {b}")) for a, b in d.alignment.aliases
+    ]
+
+
+def to_json_dict(d: Diagnosis) -> dict[str, Any]:
+    """The diagnosis as plain JSON data, schema ``"layerdiff/1"``.
+
+    Float convention: every non-finite float (NaN, +inf, -inf) is written as ``null``,
+    so the result always passes ``json.dumps(..., allow_nan=False)``. Whether a tensor
+    actually held NaN / inf is recorded separately by the integer counts ``nan_torch``,
+    ``nan_onnx``, ``inf_torch``, ``inf_onnx`` on each layer and output. A layer whose
+    metrics are missing (onnxruntime never produced the tensor, ``status == "not_run"``)
+    has ``null`` in every metric field and ``passed: null``.
+
+    Paths are strings; tuples are lists; ``model`` / ``onnx`` are ``null`` when the
+    diagnosis stopped before they existed (verdict ``"error"``). ``previews`` is never
+    serialised.
+    """
+    fd = d.first_divergence
+    fd_index = _layer_index(d, fd)
+
+    outputs = []
+    for o in d.outputs:
+        row = {"name": o.name}
+        row.update(_metrics_json(o.metrics))
+        outputs.append(row)
+
+    layers = []
+    for i, r in enumerate(d.layers):
+        m = _metrics_json(r.metrics)
+        row = {
+            "index": i,
+            "module": r.module,
+            "module_type": r.module_type,
+            "onnx_tensor": r.onnx_tensor,
+            "onnx_node": r.onnx_node,
+            "op_type": r.op_type,
+            "order": int(r.order),
+            "method": r.method,
+            "ignored": bool(r.ignored),
+            "status": r.status,
+        }
+        row.update(m)
+        layers.append(row)
+
+    first = None
+    if fd is not None:
+        first = {
+            "module": fd.module,
+            "module_type": fd.module_type,
+            "onnx_node": fd.onnx_node,
+            "op_type": fd.op_type,
+            "kind": fd.kind,
+            "max_abs": _finite_or_none(fd.max_abs),
+            "message": fd.message,
+            "layer_index": fd_index,
+            "region": [
+                {"name": n.name, "op_type": n.op_type, "attrs": _plain(n.attrs)}
+                for n in fd.region
+            ],
+            "torch_attrs": _plain(fd.torch_attrs),
+            "downstream_of_ignored": list(fd.downstream_of_ignored),
+        }
+
+    al = d.alignment
+    unmatched = {
+        "torch": [{"name": u.name, "reason": u.reason} for u in (al.unmatched_torch if al else ())],
+        "onnx": [{"name": u.name, "reason": u.reason} for u in (al.unmatched_onnx if al else ())],
+    }
+
+    model = None
+    if d.model is not None:
+        mo = d.model
+        model = {
+            "path": None if mo.path is None else str(mo.path),
+            "architecture": mo.architecture,
+            "kind": mo.kind,
+            "input_channels": _plain(mo.input_channels),
+            "output_channels": _plain(mo.output_channels),
+            "scale": _plain(mo.scale),
+            "notes": list(mo.notes),
+        }
+
+    onnx = None
+    if d.onnx is not None:
+        on = d.onnx
+        onnx = {
+            "path": str(on.path),
+            "exporter": on.exporter,
+            "opset": _plain(on.opset),
+            "producer": on.producer,
+            "notes": list(on.notes),
+        }
+
+    s = d.settings
+    settings = {
+        "rtol": _finite_or_none(s.rtol),
+        "atol": _finite_or_none(s.atol),
+        "input_shape": [int(x) for x in s.input_shape],
+        "seed": int(s.seed),
+        "ignore": list(s.ignore),
+        "provider": s.provider,
+        "ort_level": s.ort_level,
+        "ort_config": {str(k): str(v) for k, v in getattr(s, "ort_config", ())},
+    }
+
+    f = d.facts
+    facts = {
+        "input_mutated": bool(f.input_mutated),
+        "training_modules": list(f.training_modules),
+        "onnx_training_nodes": list(f.onnx_training_nodes),
+        "mutated_outputs": list(f.mutated_outputs),
+        "onnx_input_shape": _plain(f.onnx_input_shape),
+        "vanishes_without_ort_optimisation": f.vanishes_without_ort_optimisation,
+        "ort_optimisation_level": f.ort_optimisation_level,
+    }
+
+    return {
+        "schema": SCHEMA,
+        "verdict": d.verdict,
+        "exit_code": d.exit_code,
+        "summary": d.summary,
+        "tolerance": {"rtol": settings["rtol"], "atol": settings["atol"]},
+        "outputs": outputs,
+        "layers": layers,
+        "first_divergence": first,
+        "suggestions": [
+            {
+                "rule": sg.rule,
+                "title": sg.title,
+                "detail": sg.detail,
+                "fix": sg.fix,
+                "layers": list(sg.layers),
+            }
+            for sg in d.suggestions
+        ],
+        "unmatched": unmatched,
+        "aliases": [{"module": a, "shares_with": b} for a, b in _aliases(d)],
+        "masked": bool(d.masked),
+        "model": model,
+        "onnx": onnx,
+        "settings": settings,
+        "facts": facts,
+        "versions": {str(k): _plain(v) for k, v in d.versions.items()},
+        "notes": list(d.notes),
+        "error": d.error,
+    }
+
+
+def to_json(d: Diagnosis, *, indent: int | None = 2) -> str:
+    """``to_json_dict`` serialised; guaranteed valid JSON (no NaN / Infinity tokens)."""
+    return json.dumps(to_json_dict(d), indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+# =========================================================================== files
+
+
+def _atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same directory + os.replace.
+
+    The target either keeps its old content or gets the complete new content; the
+    temp file is removed on any failure. The new file gets the usual umask-derived
+    permissions (not the 0600 of tempfile.mkstemp), so the report can be shared.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+def write_json(d: Diagnosis, path: str | os.PathLike[str]) -> Path:
+    """Write ``to_json_dict(d)`` to ``path`` atomically; creates parent directories."""
+    return _atomic_write_text(path, to_json(d))
+
+
+def write_html(d: Diagnosis, path: str | os.PathLike[str]) -> Path:
+    """Render the report and write it to ``path`` atomically; creates parent directories.
+
+    The page is rendered completely in memory first, so a rendering error leaves no file
+    (and an existing report untouched).
+    """
+    html = render_html(d)
+    return _atomic_write_text(path, html)
+
+
+# =========================================================================== HTML
+
+
+def _template_dir() -> Path:
+    """Folder holding report.html.j2: the installed ``layerdiff.templates`` package, or
+    ``<repo>/templates`` when running from a source checkout."""
+    candidates: list[Path] = []
+    try:
+        from importlib.resources import files
+
+        res = files("layerdiff.templates")
+        # templates/ has no __init__.py, so this is usually a namespace package and
+        # ``res`` a MultiplexedPath; joinpath() of an existing file gives a real Path.
+        hit = res.joinpath(TEMPLATE_NAME)
+        if isinstance(hit, Path):
+            candidates.append(hit.parent)
+        candidates.extend(Path(str(p)) for p in getattr(res, "_paths", None) or [res])
+    except Exception:  # not installed / not importable: use the source tree
+        pass
+    candidates.append(Path(__file__).resolve().parents[2] / "templates")
+    for c in candidates:
+        if (c / TEMPLATE_NAME).is_file():
+            return c
+    raise FileNotFoundError(
+        f"cannot find {TEMPLATE_NAME}; looked in: " + ", ".join(str(c) for c in candidates)
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_template_dir())),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(
+        num=fmt_num,
+        cos=fmt_cos,
+        pct=fmt_pct,
+        shape=fmt_shape,
+        value=fmt_value,
+    )
+    return env
+
+
+def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
+    rows = []
+    for i, r in enumerate(d.layers):
+        m = r.metrics
+        status = r.status or ("not_run" if m is None else ("pass" if m.passed else "fail"))
+        css_status = "ignored" if r.ignored else status
+        norm = _normalised(m)
+        rows.append(
+            {
+                "i": i,
+                "r": r,
+                "m": m,
+                "status": status,
+                "css": css_status,
+                "first": i == fd_index,
+                "shape": fmt_shapes(m),
+                "shape_mismatch": m is not None and tuple(m.shape_torch) != tuple(m.shape_onnx),
+                # raw values for sorting (JS); "" sorts last
+                "v_max_abs": _sortkey(m.max_abs if m else None),
+                "v_mean_abs": _sortkey(m.mean_abs if m else None),
+                "v_max_rel": _sortkey(m.max_rel if m else None),
+                "v_cosine": _sortkey(m.cosine if m else None),
+                "v_outlier": _sortkey(m.outlier_share if m else None),
+                "v_norm": "" if norm is None else _sortkey(norm),
+                "title": m.reason if (m is not None and m.reason) else "",
+            }
+        )
+    return rows
+
+
+def _sortkey(x: Any) -> str:
+    """Numeric sort value for a data- attribute: NaN and inf sort as huge, None as ''."""
+    if x is None:
+        return ""
+    f = float(x)
+    if math.isnan(f) or math.isinf(f):
+        return "1e308"
+    return repr(f)
+
+
+def _normalised(m: Metrics | None) -> float | None:
+    """max_abs / scale (scale 0 -> max_abs); inf for non-finite errors; None without metrics."""
+    if m is None:
+        return None
+    err = float(m.max_abs)
+    if not math.isfinite(err):
+        return math.inf
+    scale = float(m.scale) if m.scale is not None else 0.0
+    if not math.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    return err / scale
+
+
+# ---------------------------------------------------------------- chart geometry
+
+CHART_W, CHART_H = 1000, 300
+CHART_L, CHART_R, CHART_T, CHART_B = 62, 18, 30, 40
+CHART_FLOOR = 1e-9
+
+
+def _nice_step(n: int, max_ticks: int = 10) -> int:
+    if n <= 1:
+        return 1
+    raw = n / max_ticks
+    mag = 10 ** math.floor(math.log10(raw)) if raw >= 1 else 1
+    for k in (1, 2, 5, 10):
+        if k * mag >= raw:
+            return max(1, int(k * mag))
+    return max(1, int(10 * mag))
+
+
+def _chart(d: Diagnosis, fd_index: int | None) -> dict[str, Any] | None:
+    n = len(d.layers)
+    if n == 0:
+        return None
+    rtol = _finite_or_none(d.settings.rtol)
+    pw = CHART_W - CHART_L - CHART_R
+    ph = CHART_H - CHART_T - CHART_B
+    step = pw / n
+
+    def xpos(i: int) -> float:
+        return CHART_L + (i + 0.5) * step
+
+    vals: list[float | None] = [_normalised(r.metrics) for r in d.layers]
+    finite = [max(v, CHART_FLOOR) for v in vals if v is not None and math.isfinite(v)]
+    rng = list(finite)
+    if rtol and rtol > 0:
+        rng.append(rtol)
+    if not rng:
+        rng = [1e-6, 1.0]
+    lo = math.floor(math.log10(min(rng)) + 1e-9)
+    hi = math.ceil(math.log10(max(rng)) - 1e-9)
+    if hi <= lo:
+        hi = lo + 1
+    lo = max(lo, round(math.log10(CHART_FLOOR)))
+    while hi - lo < 3:
+        if lo > round(math.log10(CHART_FLOOR)):
+            lo -= 1
+        else:
+            hi += 1
+    span = hi - lo
+
+    def ypos(v: float) -> float:
+        lv = min(max(math.log10(max(v, CHART_FLOOR)), lo), hi)
+        return CHART_T + (hi - lv) / span * ph
+
+    dot = 7.0 if n <= 60 else 5.0 if n <= 300 else 3.5 if n <= 1500 else 2.5
+    paths: dict[str, list[str]] = {"pass": [], "fail": [], "ignored": [], "nonfinite": []}
+    notrun: list[str] = []
+    line: list[str] = []
+    pen_down = False
+    fd_point = None
+    for i, (r, v) in enumerate(zip(d.layers, vals)):
+        x = xpos(i)
+        if v is None:
+            notrun.append(f"M{x:.1f} {CHART_T + ph:.1f}v-14")
+            pen_down = False
+            continue
+        if not math.isfinite(v):
+            y = CHART_T
+            cls = "ignored" if r.ignored or r.status == "ignored" else "nonfinite"
+        else:
+            y = ypos(v)
+            if r.ignored or r.status == "ignored":
+                cls = "ignored"
+            elif r.status == "fail" or (r.metrics is not None and not r.metrics.passed):
+                cls = "fail"
+            else:
+                cls = "pass"
+        paths[cls].append(f"M{x:.1f} {y:.1f}h0")
+        if cls != "ignored":  # the trend line follows the layers that count
+            line.append(f"{'L' if pen_down else 'M'}{x:.1f} {y:.1f}")
+            pen_down = True
+        if i == fd_index:
+            fd_point = (x, y)
+
+    yticks = []
+    every = 1 if span <= 10 else 2 if span <= 20 else 3
+    for e in range(lo, hi + 1):
+        if (e - lo) % every:
+            continue
+        label = {-1: "0.1", 0: "1", 1: "10"}.get(e, f"1e{e}")
+        yticks.append({"y": round(CHART_T + (hi - e) / span * ph, 1), "label": label})
+
+    xs = _nice_step(n)
+    xticks = [{"x": round(xpos(i), 1), "label": str(i)} for i in range(0, n, xs)]
+
+    fd_mark = None
+    if fd_index is not None:
+        x = xpos(fd_index)
+        label = f"first divergence: {d.layers[fd_index].module}"
+        if len(label) > 60:
+            label = label[:59] + "…"
+        anchor = "end" if x > CHART_L + pw * 0.6 else "start"
+        fd_mark = {
+            "x": round(x, 1),
+            "point": None if fd_point is None else (round(fd_point[0], 1), round(fd_point[1], 1)),
+            "label": label,
+            "anchor": anchor,
+            "tx": round(x - 6 if anchor == "end" else x + 6, 1),
+        }
+
+    return {
+        "w": CHART_W,
+        "h": CHART_H,
+        "l": CHART_L,
+        "r": CHART_W - CHART_R,
+        "t": CHART_T,
+        "b": CHART_T + ph,
+        "step": step,
+        "n": n,
+        "dot": dot,
+        "pass": "".join(paths["pass"]),
+        "fail": "".join(paths["fail"]),
+        "ignored": "".join(paths["ignored"]),
+        "nonfinite": "".join(paths["nonfinite"]),
+        "notrun": "".join(notrun),
+        "line": "".join(line),
+        "yticks": yticks,
+        "xticks": xticks,
+        "rtol_y": round(ypos(rtol), 1) if rtol and rtol > 0 else None,
+        "rtol": rtol,
+        "fd": fd_mark,
+        "counts": {k: len(v) for k, v in paths.items()} | {"notrun": len(notrun)},
+    }
+
+
+# ---------------------------------------------------------------- previews
+
+_CMAP = np.array(  # dark -> bright, perceptually ordered (magma-like)
+    [
+        [252, 253, 191],
+        [252, 137, 97],
+        [183, 55, 121],
+        [81, 18, 124],
+        [0, 0, 4],
+    ][::-1],
+    dtype=np.float64,
+)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _preview(name: str, arr: Any) -> dict[str, Any] | None:
+    """A small array as an inline PNG heat map (data: URI, no network)."""
+    try:
+        a = np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if a.size == 0:
+        return None
+    shape = a.shape
+    reduced = False
+    if a.ndim == 0:
+        a = a.reshape(1, 1)
+    elif a.ndim == 1:
+        a = a.reshape(1, -1)
+    elif a.ndim > 2:  # batch / channels: the largest magnitude over the leading axes
+        a = np.abs(a).reshape(-1, *a.shape[-2:]).max(axis=0)
+        reduced = True
+    h, w = a.shape
+    sy, sx = max(1, math.ceil(h / 512)), max(1, math.ceil(w / 512))
+    a = a[::sy, ::sx]
+    finite = np.isfinite(a)
+    if finite.any():
+        vmin, vmax = float(a[finite].min()), float(a[finite].max())
+    else:
+        vmin = vmax = 0.0
+    with np.errstate(all="ignore"):
+        t = (a - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(a)
+    t = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0)
+    pos = t * (len(_CMAP) - 1)
+    i0 = np.floor(pos).astype(int).clip(0, len(_CMAP) - 2)
+    frac = (pos - i0)[..., None]
+    rgb = _CMAP[i0] * (1 - frac) + _CMAP[i0 + 1] * frac
+    rgb[~finite] = (0, 200, 255)  # NaN / inf: cyan, off the colour map
+    rgb = rgb.round().astype(np.uint8)
+    uri = "data:image/png;base64," + base64.b64encode(_png(rgb)).decode("ascii")
+    # display size: upscale small maps, keep the aspect ratio
+    dh, dw = rgb.shape[:2]
+    k = max(1, min(8, 320 // max(dh, dw, 1)))
+    return {
+        "name": name,
+        "shape": fmt_shape(shape),
+        "min": fmt_num(vmin) if finite.any() else "–",
+        "max": fmt_num(vmax) if finite.any() else "–",
+        "nonfinite": int((~finite).sum()),
+        "reduced": reduced,
+        "uri": uri,
+        "width": dw * k,
+        "height": dh * k,
+    }
+
+
+# ---------------------------------------------------------------- context
+
+
+def _all_notes(d: Diagnosis) -> list[tuple[str, str]]:
+    """(source, note) for d.notes, d.onnx.notes and d.model.notes, each note once.
+
+    The pipeline may copy the model / ONNX notes into d.notes; they are shown once,
+    labelled with where they came from.
+    """
+    onnx_notes = tuple(d.onnx.notes) if d.onnx is not None else ()
+    model_notes = tuple(d.model.notes) if d.model is not None else ()
+
+    def source(n: str) -> str:
+        return "ONNX" if n in onnx_notes else "model" if n in model_notes else "layerdiff"
+
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for n in (*d.notes, *onnx_notes, *model_notes):
+        if n not in seen:
+            seen.add(n)
+            out.append((source(n), n))
+    return out
+
+
+def _fd_layer(d: Diagnosis, fd_index: int | None) -> LayerResult | None:
+    return None if fd_index is None else d.layers[fd_index]
+
+
+def _context(d: Diagnosis) -> dict[str, Any]:
+    fd = d.first_divergence
+    fd_index = _layer_index(d, fd)
+    rows = _layer_rows(d, fd_index)
+    counts = {"pass": 0, "fail": 0, "ignored": 0, "not_run": 0}
+    for row in rows:
+        key = row["css"] if row["css"] in counts else "fail"
+        counts[key] += 1
+
+    fd_suggestions = []
+    if fd is not None:
+        keys = {fd.module, fd.onnx_node}
+        fd_suggestions = [s for s in d.suggestions if keys & set(s.layers)]
+
+    notes = _all_notes(d)
+
+    f = d.facts
+    facts = []
+    if f.vanishes_without_ort_optimisation is True:
+        facts.append(("onnxruntime optimisation", "the divergence vanishes with every graph optimisation off"))
+    elif f.vanishes_without_ort_optimisation is False:
+        facts.append(("onnxruntime optimisation", "the divergence stays with every graph optimisation off"))
+    if f.input_mutated:
+        facts.append(("input", "the model modifies its input tensor in place"))
+    if f.training_modules:
+        facts.append(("left in training mode", ", ".join(f.training_modules)))
+    if f.onnx_training_nodes:
+        facts.append(("ONNX training-mode nodes", ", ".join(f.onnx_training_nodes)))
+    if f.mutated_outputs:
+        facts.append(("outputs changed after the hook", ", ".join(f.mutated_outputs)))
+    if f.onnx_input_shape:
+        facts.append(("ONNX input shape", fmt_shape(f.onnx_input_shape)))
+
+    previews = []
+    for name, arr in (d.previews or {}).items():
+        p = _preview(str(name), arr)
+        if p is not None:
+            previews.append(p)
+
+    al = d.alignment
+    title_bits = []
+    if d.model is not None:
+        title_bits.append(d.model.architecture)
+    elif d.onnx is not None:
+        title_bits.append(d.onnx.path.name)
+
+    return {
+        "d": d,
+        "schema": SCHEMA,
+        "verdict": d.verdict,
+        "verdict_label": VERDICT_LABELS.get(d.verdict, d.verdict.upper()),
+        "title": " · ".join(title_bits),
+        "fd": fd,
+        "fd_index": fd_index,
+        "fd_layer": _fd_layer(d, fd_index),
+        "fd_kind": KIND_LABELS.get(fd.kind, fd.kind) if fd else "",
+        "fd_suggestions": fd_suggestions,
+        "rows": rows,
+        "counts": counts,
+        "chart": _chart(d, fd_index),
+        "aliases": _aliases(d),
+        "unmatched_torch": list(al.unmatched_torch) if al else [],
+        "unmatched_onnx": list(al.unmatched_onnx) if al else [],
+        "has_scopes": al.has_scopes if al else None,
+        "notes": notes,
+        "facts": facts,
+        "previews": previews,
+        "outputs_failed": sum(1 for o in d.outputs if not o.passed),
+        "layerdiff_version": d.versions.get("layerdiff", ""),
+        "fmt_shapes": fmt_shapes,
+    }
+
+
+def render_html(d: Diagnosis) -> str:
+    """The full report: one self-contained HTML page (inline CSS / JS / SVG, no network)."""
+    return _env().get_template(TEMPLATE_NAME).render(**_context(d))
+
+
+# =========================================================================== console
+
+_COLORS = {"pass": "32", "diverged": "31", "error": "33"}
+
+
+def console_summary(d: Diagnosis, *, color: bool) -> str:
+    """A compact multi-line summary for the terminal (no trailing newline).
+
+    With ``color=False`` the text contains no escape sequences at all.
+    """
+
+    def c(code: str, s: str) -> str:
+        return f"\x1b[{code}m{s}\x1b[0m" if color else s
+
+    def wrap(s: str, indent: str) -> list[str]:
+        out: list[str] = []
+        for para in str(s).splitlines() or [""]:
+            out += textwrap.wrap(
+                para,
+                width=100,
+                initial_indent=indent,
+                subsequent_indent=indent,
+                break_long_words=False,
+                break_on_hyphens=False,
+            ) or [indent.rstrip()]
+        return out
+
+    label = VERDICT_LABELS.get(d.verdict, d.verdict.upper())
+    lines = [f"layerdiff: {c('1;' + _COLORS.get(d.verdict, '0'), label)}"]
+    if d.summary:
+        lines += wrap(d.summary, "  ")
+
+    if d.verdict == "error" and d.error:
+        lines.append(f"  {c('33', 'error:')} {d.error.splitlines()[0] if d.error else ''}")
+        lines += [f"    {ln}" for ln in d.error.splitlines()[1:6]]
+
+    fd = d.first_divergence
+    if fd is not None:
+        where = fd.module + (f" ({fd.module_type})" if fd.module_type else "")
+        lines.append(f"  first divergence: {c('1', where)}")
+        bits = [f"ONNX node {fd.onnx_node}", f"op {fd.op_type}", f"kind {fd.kind}"]
+        if fd.max_abs is not None:
+            bits.append(f"max abs error {fmt_num(fd.max_abs)}")
+        lines.append("    " + ", ".join(bits))
+        if fd.message:
+            msg = fd.message.strip().splitlines()
+            lines += wrap(msg[0], "    ")
+            if fd.kind == "runtime_error" and len(msg) > 1:
+                lines += [f"    {ln}" for ln in msg[1:4]]
+        if fd.downstream_of_ignored:
+            lines.append(
+                "    downstream of ignored modules: " + ", ".join(fd.downstream_of_ignored)
+            )
+    if d.masked:
+        lines.append(
+            "  "
+            + c("33", "masked downstream:")
+            + " a layer diverges but the final output still passes the tolerance."
+        )
+
+    if d.outputs:
+        failed = [o.name for o in d.outputs if not o.passed]
+        errs = [float(o.metrics.max_abs) for o in d.outputs]
+        worst = math.nan if any(math.isnan(v) for v in errs) else max(errs)
+        state = f"{len(failed)} of {len(d.outputs)} fail" if failed else "all pass"
+        lines.append(f"  outputs: {state} (max abs error {fmt_num(worst)})")
+
+    if d.suggestions:
+        lines.append("  suggestions:")
+        for k, s in enumerate(d.suggestions[:3], 1):
+            lines += wrap(f"{k}. {s.title}", "    ")
+            if s.fix:
+                lines += wrap(f"fix: {s.fix}", "       ")
+        if len(d.suggestions) > 3:
+            lines.append(f"    (+{len(d.suggestions) - 3} more in the report)")
+
+    notes = _all_notes(d)
+    if notes:
+        lines.append("  notes:")
+        for _, n in notes:
+            lines += wrap(f"- {n}", "    ")
+    return "\n".join(lines)

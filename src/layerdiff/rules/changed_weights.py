@@ -1,0 +1,32 @@
+"""Rule: the ONNX layer's weights are not the checkpoint's.
+
+1. Fires when the first diverging layer was paired by weights that are close to, but
+   not equal to, the module's parameters (alignment method "weights~").
+2. The file was exported from another checkpoint, or edited after export; fp32 export
+   copies weights bit for bit.
+"""
+
+from __future__ import annotations
+
+from ..records import Diagnosis, Suggestion
+from . import Rule
+from ._helpers import where
+
+
+def check(d: Diagnosis) -> Suggestion | None:
+    first = d.first_divergence
+    if first is None:
+        return None
+    layer = next((l for l in d.layers if l.module == first.module), None)
+    if layer is None or layer.method != "weights~":
+        return None
+    return Suggestion(
+        "changed_weights", "This layer's ONNX weights differ from the checkpoint's",
+        f"The weights of ONNX node '{first.onnx_node}' are close to {first.module}'s "
+        "parameters but not equal: an fp32 export copies them exactly, so the file was made "
+        "from another checkpoint or changed after export.",
+        "Re-export from this checkpoint, or diagnose the ONNX against the checkpoint it "
+        "was exported from.", where(d))
+
+
+RULE = Rule("changed_weights", "This layer's ONNX weights differ from the checkpoint's", check)

@@ -1,0 +1,124 @@
+"""End-to-end diagnosis on real spandrel architectures, real exports, real onnxruntime."""
+
+from __future__ import annotations
+
+import pytest
+
+import faults
+from conftest import SHAPE, make_model, with_fault
+from layerdiff import diagnose
+
+CLEAN_CASES = [
+    ("esrgan", "legacy"), ("esrgan", "dynamo"), ("esrgan", "nameless"),
+    ("compact", "legacy"), ("compact", "dynamo"), ("compact", "nameless"),
+    ("span", "legacy"), ("span", "nameless"),
+    ("swinir", "legacy"), ("swinir", "dynamo"), ("swinir", "nameless"),
+]
+
+
+@pytest.mark.parametrize("arch,how", CLEAN_CASES)
+def test_clean_export_passes(arch, how, exported):
+    d = diagnose(make_model(arch), exported(arch, how), input_shape=SHAPE)
+    assert d.verdict == "pass", d.summary
+    assert d.first_divergence is None
+    assert all(layer.status == "pass" for layer in d.layers)
+    assert d.outputs and all(o.passed for o in d.outputs)
+    # Alignment really happened: most module calls are compared, none twice.
+    real_calls = [c for c in d.calls if c.alias_of is None]
+    assert len(d.layers) >= 0.5 * len(real_calls)
+    assert len({layer.onnx_tensor for layer in d.layers}) == len(d.layers)
+
+
+FAULTS = {
+    "conv weight": lambda m: faults.scale_weight(m, "Conv", 3, 1.5),
+    "one channel +1%": lambda m: faults.scale_weight(m, "Conv", 2, 1.01, channel=1),
+    "leaky slope": lambda m: faults.leaky_slope(m, 0.1, index=2),
+    "pixel shuffle DCR": faults.pixel_shuffle_dcr,
+}
+FAULT_CASES = [
+    (arch, how, fault)
+    for arch, names in (("esrgan", ("conv weight", "one channel +1%", "leaky slope")),
+                        ("compact", ("conv weight", "pixel shuffle DCR")))
+    for how in ("legacy", "dynamo", "nameless")
+    for fault in names
+]
+
+
+@pytest.mark.parametrize("arch,how,fault", FAULT_CASES)
+def test_one_node_fault_is_localised_to_its_module(arch, how, fault, exported, tmp_path):
+    model = make_model(arch)
+    clean_path = exported(arch, how)
+    clean = diagnose(model, clean_path, input_shape=SHAPE)
+    module_of = {layer.onnx_node: layer.module for layer in clean.layers}
+
+    faulty_path, node = with_fault(clean_path, FAULTS[fault], tmp_path)
+    d = diagnose(model, faulty_path, input_shape=SHAPE)
+
+    assert d.verdict == "diverged"
+    assert d.first_divergence is not None
+    assert d.first_divergence.module == module_of[node]
+    assert d.first_divergence.onnx_node == node
+    # Everything before it in execution order still passes: a root cause, not propagation.
+    before = [l for l in d.layers if l.order < d.layers[[l.module for l in d.layers].index(
+        d.first_divergence.module)].order]
+    assert all(l.status == "pass" for l in before)
+
+
+def test_masked_divergence_is_reported(exported, tmp_path):
+    # ESRGAN scales its residual branches by 0.2: a 1% change in one channel of an inner
+    # conv does not reach the output beyond tolerance, but the layer itself fails.
+    path, node = with_fault(exported("esrgan", "legacy"),
+                            lambda m: faults.scale_weight(m, "Conv", 2, 1.01, channel=1), tmp_path)
+    d = diagnose(make_model("esrgan"), path, input_shape=SHAPE)
+    assert all(o.passed for o in d.outputs)
+    assert d.verdict == "diverged" and d.masked
+    assert "masked" in d.summary
+    assert d.first_divergence.onnx_node == node
+
+
+def test_ignored_layer_is_measured_but_not_blamed(exported, tmp_path):
+    path, _ = with_fault(exported("compact", "legacy"), faults.pixel_shuffle_dcr, tmp_path)
+    d = diagnose(make_model("compact"), path, input_shape=SHAPE, ignore=["op:DepthToSpace"])
+    upsampler = next(l for l in d.layers if l.module == "upsampler")
+    assert upsampler.ignored and upsampler.status == "ignored"
+    assert upsampler.metrics is not None and not upsampler.metrics.passed  # still measured
+    assert d.first_divergence is None
+    # The output still differs, so the verdict stays honest.
+    assert d.verdict == "diverged"
+
+
+@pytest.mark.parametrize("pattern", ["upsampler", "up*", "/upsampler/*", "op:Depth*"])
+def test_ignore_patterns_match_modules_nodes_and_ops(pattern, exported):
+    d = diagnose(make_model("compact"), exported("compact", "legacy"), input_shape=SHAPE,
+                 ignore=[pattern])
+    ignored = [l.module for l in d.layers if l.ignored]
+    assert ignored == ["upsampler"]
+
+
+def test_ignoring_an_upstream_fault_moves_the_first_divergence(exported, tmp_path):
+    path, node = with_fault(exported("esrgan", "legacy"),
+                            lambda m: faults.scale_weight(m, "Conv", 1, 1.5), tmp_path)
+    model = make_model("esrgan")
+    blamed = diagnose(model, path, input_shape=SHAPE).first_divergence.module
+    d = diagnose(model, path, input_shape=SHAPE, ignore=[blamed])
+    assert d.first_divergence is not None and d.first_divergence.module != blamed
+    assert blamed in d.first_divergence.downstream_of_ignored
+
+
+def test_torch_and_onnx_get_separate_inputs_when_the_model_mutates_its_input(tmp_path):
+    import torch
+
+    class Mutating(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = make_model("compact")
+
+        def forward(self, x):
+            x.mul_(1.0).add_(0.0)  # in place on the caller's tensor
+            x *= 2.0
+            return self.inner(x * 0.5)
+
+    model = Mutating().eval()
+    d = diagnose(model, input_shape=SHAPE, exporter="legacy", output_dir=tmp_path)
+    assert d.facts.input_mutated
+    assert d.verdict == "pass", d.summary

@@ -1,0 +1,674 @@
+"""Tests for layerdiff.render: JSON, HTML report, atomic writes, console summary.
+
+The Diagnosis records are built by hand here (the pipeline that produces them is
+tested elsewhere); ``make_pass`` / ``make_diverged`` / ``make_error`` are also handy
+for rendering sample reports by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from layerdiff import render
+from layerdiff.records import (
+    Alignment,
+    Diagnosis,
+    Facts,
+    FirstDivergence,
+    LayerResult,
+    LoadedModel,
+    Metrics,
+    OnnxNodeInfo,
+    OnnxSource,
+    OutputResult,
+    Settings,
+    Suggestion,
+    TorchCall,
+    Unmatched,
+)
+
+VERSIONS = {
+    "layerdiff": "0.1.0",
+    "torch": "2.14.1",
+    "onnx": "1.18.0",
+    "onnxruntime": "1.22.0",
+    "python": "3.11.7",
+}
+SETTINGS = Settings(rtol=1e-3, atol=1e-5, input_shape=(1, 3, 64, 64), seed=0, ignore=("*.dropout",))
+
+
+def metrics(err: float, scale: float = 1.0, *, passed: bool = True, shape=(1, 64, 64, 64), **kw) -> Metrics:
+    return Metrics(
+        shape_torch=shape,
+        shape_onnx=kw.pop("shape_onnx", shape),
+        max_abs=err,
+        mean_abs=kw.pop("mean_abs", err / 8),
+        max_rel=kw.pop("max_rel", err / scale * 3),
+        cosine=kw.pop("cosine", 1.0 - err * 1e-3),
+        scale=scale,
+        outlier_share=kw.pop("outlier_share", 0.0 if passed else 0.031),
+        passed=passed,
+        reason=kw.pop("reason", "" if passed else f"max abs error {err:.3g} > atol + rtol*|torch|"),
+        **kw,
+    )
+
+
+def _body(n_blocks: int = 4) -> list[tuple[str, str, str, str]]:
+    """(module, module_type, onnx_node, op_type) of a small ESRGAN-like net."""
+    out = [("conv_first", "Conv2d", "/conv_first/Conv", "Conv")]
+    for b in range(n_blocks):
+        for k in range(1, 4):
+            out.append((f"body.{b}.rdb.conv{k}", "Conv2d", f"/body.{b}/rdb/conv{k}/Conv", "Conv"))
+            out.append((f"body.{b}.rdb.lrelu{k}", "LeakyReLU", f"/body.{b}/rdb/lrelu{k}/LeakyRelu", "LeakyRelu"))
+        out.append((f"body.{b}.dropout", "Dropout", f"/body.{b}/dropout/Identity", "Identity"))
+    out += [
+        ("conv_body", "Conv2d", "/conv_body/Conv", "Conv"),
+        ("upsample", "Upsample", "/upsample/Resize", "Resize"),
+        ("conv_up1", "Conv2d", "/conv_up1/Conv", "Conv"),
+        ("lrelu_up", "LeakyReLU", "/lrelu_up/LeakyRelu", "LeakyRelu"),
+        ("conv_hr", "Conv2d", "/conv_hr/Conv", "Conv"),
+        ("conv_last", "Conv2d", "/conv_last/Conv", "Conv"),
+    ]
+    return out
+
+
+def _calls(spec) -> tuple[TorchCall, ...]:
+    return tuple(
+        TorchCall(index=i, module=m, call=0, module_type=t, shape=(1, 64, 64, 64), dtype="float32")
+        for i, (m, t, _, _) in enumerate(spec)
+    )
+
+
+def _model() -> LoadedModel:
+    return LoadedModel(
+        module=None,
+        path=Path("/models/4x_RealESRGAN_x4plus.pth"),
+        kind="spandrel",
+        architecture="ESRGAN",
+        input_channels=3,
+        output_channels=3,
+        scale=4,
+        notes=("loaded with spandrel 0.4.1",),
+    )
+
+
+def _onnx(exporter: str = "dynamo") -> OnnxSource:
+    return OnnxSource(
+        path=Path("/tmp/out/4x_RealESRGAN_x4plus.onnx"),
+        exporter=exporter,
+        opset=18,
+        producer="pytorch 2.14.1",
+        notes=("exported with dynamo=True; external data inlined",),
+    )
+
+
+def make_pass() -> Diagnosis:
+    spec = _body(2)
+    rng = np.random.default_rng(1)
+    layers = []
+    for i, (m, t, node, op) in enumerate(spec):
+        ignored = m.endswith("dropout")
+        err = float(rng.uniform(1, 9)) * 10.0 ** -(7 - i / 10)
+        layers.append(
+            LayerResult(
+                module=m,
+                module_type=t,
+                onnx_tensor=node.replace("/", "_").strip("_") + "_output_0",
+                onnx_node=node,
+                op_type=op,
+                order=i * 2,
+                method="scope",
+                metrics=metrics(err, scale=float(rng.uniform(0.5, 5))),
+                ignored=ignored,
+                status="ignored" if ignored else "pass",
+            )
+        )
+    calls = _calls(spec)
+    return Diagnosis(
+        verdict="pass",
+        summary="The ONNX export matches the PyTorch model: every compared layer and the output "
+        "agree within rtol 1e-3 / atol 1e-5.",
+        model=_model(),
+        onnx=_onnx(),
+        settings=SETTINGS,
+        versions=VERSIONS,
+        outputs=(OutputResult("output", metrics(3.1e-6, 1.0, shape=(1, 3, 256, 256))),),
+        layers=tuple(layers),
+        alignment=Alignment(
+            pairs=(),
+            aliases=((len(calls) - 1, len(calls) - 2),),
+            unmatched_torch=(),
+            unmatched_onnx=(),
+            has_scopes=True,
+        ),
+        calls=calls,
+    )
+
+
+def make_diverged(*, masked: bool = False) -> Diagnosis:
+    spec = _body(4)
+    rng = np.random.default_rng(0)
+    fd_at = next(i for i, s in enumerate(spec) if s[0] == "upsample")
+    layers = []
+    for i, (m, t, node, op) in enumerate(spec):
+        scale = float(rng.uniform(0.5, 6))
+        ignored = m.endswith("dropout")
+        if i < fd_at:
+            mt = metrics(float(rng.uniform(1, 9)) * 1e-7 * scale, scale)
+            status = "ignored" if ignored else "pass"
+        elif i == fd_at:
+            mt = metrics(0.0417, scale, passed=False, cosine=0.999213, outlier_share=0.184)
+            status = "fail"
+        else:
+            mt = metrics(float(rng.uniform(1, 9)) * 1e-2 * scale, scale, passed=False)
+            status = "fail"
+        if ignored and i < fd_at:
+            mt = metrics(2e-3 * scale, scale, passed=False)  # ignored even though it fails
+        layers.append(
+            LayerResult(m, t, node.replace("/", "_").strip("_") + "_output_0", node, op, i * 2,
+                        "scope" if i % 7 else "weights", mt, ignored=ignored, status=status)
+        )
+    # a tensor onnxruntime fused away: no metrics
+    k = fd_at + 2
+    layers[k] = dataclasses.replace(layers[k], metrics=None, status="not_run")
+    # NaN in the ONNX tensor of the last conv
+    layers[-1] = dataclasses.replace(
+        layers[-1],
+        metrics=metrics(math.nan, 1.7, passed=False, max_rel=math.inf, cosine=math.nan, nan_onnx=12,
+                        reason="12 NaN values in the ONNX tensor"),
+    )
+    calls = _calls(spec)
+    fd = FirstDivergence(
+        module="upsample",
+        onnx_node="/upsample/Resize",
+        op_type="Resize",
+        kind="numeric",
+        max_abs=0.0417,
+        message="upsample (Upsample) differs from /upsample/Resize by up to 0.0417 "
+        "(18.4% of elements outside tolerance); every input of the region passes.",
+        region=(
+            OnnxNodeInfo("/upsample/Constant", "Constant", {"value": np.array([1.0, 1.0, 2.0, 2.0], dtype=np.float32)}),
+            OnnxNodeInfo(
+                "/upsample/Resize",
+                "Resize",
+                {
+                    "mode": b"cubic",
+                    "coordinate_transformation_mode": b"half_pixel",
+                    "cubic_coeff_a": -0.5,
+                    "exclude_outside": 0,
+                    "nearest_mode": b"round_prefer_floor",
+                },
+            ),
+        ),
+        module_type="Upsample",
+        torch_attrs={"scale_factor": 2.0, "mode": "bicubic", "align_corners": False},
+    )
+    sugg = (
+        Suggestion(
+            rule="resize_cubic_coeff",
+            title="Bicubic upsampling uses a different kernel in ONNX",
+            detail="PyTorch's bicubic interpolation uses a = -0.75; this Resize node uses "
+            "cubic_coeff_a = -0.5, so every interpolated pixel differs slightly.",
+            fix="Re-export with opset >= 11 using the dynamo exporter, or set cubic_coeff_a=-0.75 "
+            "on /upsample/Resize with onnx-graphsurgeon.",
+            layers=("upsample",),
+        ),
+        Suggestion(
+            rule="ort_optimisation",
+            title="The divergence does not depend on onnxruntime graph optimisations",
+            detail="Re-running with every optimisation off gave the same error.",
+            fix="No action needed; look at the export instead.",
+        ),
+        Suggestion(
+            rule="nan_output",
+            title="NaN appears in the ONNX output of conv_last",
+            detail="onnxruntime produced 12 NaN values where PyTorch produced none.",
+            fix="Check for division by zero or log of negative values after the upsampler.",
+            layers=("conv_last",),
+        ),
+        Suggestion(
+            rule="fp16",
+            title="Consider exporting in float32",
+            detail="Only shown to exercise the '+N more' line.",
+            fix="Pass --dtype float32.",
+        ),
+    )
+    alignment = Alignment(
+        pairs=(),
+        aliases=((len(calls) - 1, len(calls) - 2), (3, -1)),
+        unmatched_torch=(
+            Unmatched("body.0.rdb.lrelu1", "fused into the preceding Conv by the exporter"),
+            Unmatched("body.2.rdb", "returns a tuple; no single ONNX tensor holds it"),
+        ),
+        unmatched_onnx=(Unmatched("/Add_3_output_0", "made by a functional op between modules (x + res)"),),
+        has_scopes=True,
+    )
+    summary = (
+        "The ONNX export diverges from PyTorch at upsample (Upsample → Resize): its output differs by "
+        "up to 0.0417 while every input to it matches."
+    )
+    return Diagnosis(
+        verdict="diverged",
+        summary=summary,
+        model=_model(),
+        onnx=_onnx(),
+        settings=SETTINGS,
+        versions=VERSIONS,
+        outputs=(
+            OutputResult(
+                "output",
+                metrics(2e-6, 1.0, shape=(1, 3, 256, 256)) if masked else
+                metrics(0.061, 1.0, passed=False, shape=(1, 3, 256, 256)),
+            ),
+        ),
+        layers=tuple(layers),
+        first_divergence=fd,
+        masked=masked,
+        suggestions=sugg,
+        alignment=alignment,
+        calls=calls,
+        facts=Facts(vanishes_without_ort_optimisation=False),
+        notes=("2 modules were left out of the comparison by --ignore '*.dropout'.",),
+        previews={"|diff| upsample": np.abs(np.random.default_rng(3).normal(size=(3, 32, 32))) * 0.01},
+    )
+
+
+def make_error() -> Diagnosis:
+    return Diagnosis(
+        verdict="error",
+        summary="layerdiff could not load the model, so nothing was compared.",
+        model=None,
+        onnx=None,
+        settings=SETTINGS,
+        versions=VERSIONS,
+        error="UntrustedPickleError: /models/weird.pth is a pickled Python object and loading it "
+        "would execute code.\nhint: pass --trust-pickle if you trust its source.",
+    )
+
+
+def make_runtime_error() -> Diagnosis:
+    d = make_diverged()
+    k = next(i for i, r in enumerate(d.layers) if r.module == "conv_up1")
+    layers = list(d.layers)
+    for i in range(k, len(layers)):
+        layers[i] = dataclasses.replace(layers[i], metrics=None, status="not_run")
+    fd = FirstDivergence(
+        module="conv_up1",
+        onnx_node="/conv_up1/Conv",
+        op_type="Conv",
+        kind="runtime_error",
+        max_abs=None,
+        message="[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. "
+        "Name:'/conv_up1/Conv' Status Message: Invalid input shape: {1,64,128,128}\n  at onnxruntime::Conv",
+        module_type="Conv2d",
+    )
+    return dataclasses.replace(
+        d,
+        summary="onnxruntime failed while running /conv_up1/Conv (conv_up1), so the ONNX model "
+        "produces no output; every layer before it matches PyTorch.",
+        layers=tuple(layers),
+        first_divergence=fd,
+        suggestions=(),
+        previews={},
+        outputs=(),
+    )
+
+
+def make_big(n: int = 5000) -> Diagnosis:
+    d = make_diverged()
+    base = d.layers
+    layers = []
+    for i in range(n):
+        r = base[i % len(base)]
+        layers.append(dataclasses.replace(r, module=f"blocks.{i}.{r.module}", order=i))
+    fd = dataclasses.replace(d.first_divergence, module=layers[n // 2].module, onnx_node=layers[n // 2].onnx_node)
+    return dataclasses.replace(d, layers=tuple(layers), first_divergence=fd)
+
+
+# ======================================================================= fixtures
+
+
+@pytest.fixture(params=["pass", "diverged", "masked", "error", "runtime_error"])
+def any_diag(request) -> Diagnosis:
+    return {
+        "pass": make_pass,
+        "diverged": make_diverged,
+        "masked": lambda: make_diverged(masked=True),
+        "error": make_error,
+        "runtime_error": make_runtime_error,
+    }[request.param]()
+
+
+@pytest.fixture
+def diverged() -> Diagnosis:
+    return make_diverged()
+
+
+# ======================================================================= JSON
+
+LAYER_KEYS = {
+    "module", "module_type", "onnx_tensor", "onnx_node", "op_type", "max_abs", "mean_abs",
+    "max_rel", "cosine", "passed", "ignored", "status", "method",
+}
+
+
+def test_json_schema(any_diag: Diagnosis):
+    j = render.to_json_dict(any_diag)
+    text = json.dumps(j, allow_nan=False)  # raises on NaN / inf
+    j = json.loads(text)
+    assert j["schema"] == "layerdiff/1"
+    for key in ("verdict", "summary", "tolerance", "outputs", "layers", "first_divergence",
+                "suggestions", "unmatched", "masked", "model", "onnx", "settings", "versions",
+                "notes", "error"):
+        assert key in j, key
+    assert j["verdict"] == any_diag.verdict
+    assert set(j["tolerance"]) >= {"rtol", "atol"}
+    assert isinstance(j["masked"], bool)
+    assert set(j["unmatched"]) == {"torch", "onnx"}
+    assert isinstance(j["notes"], list)
+    assert j["error"] is None or isinstance(j["error"], str)
+    assert len(j["layers"]) == len(any_diag.layers)
+    for row, lr in zip(j["layers"], any_diag.layers):
+        assert LAYER_KEYS <= set(row)
+        assert row["module"] == lr.module
+        assert isinstance(row["ignored"], bool)
+        if lr.metrics is None:
+            assert row["passed"] is None and row["max_abs"] is None and row["cosine"] is None
+        else:
+            assert isinstance(row["passed"], bool)
+    for o in j["outputs"]:
+        assert {"name", "max_abs", "max_rel", "passed"} <= set(o)
+    for s in j["suggestions"]:
+        assert set(s) >= {"rule", "title", "detail", "fix", "layers"}
+        assert isinstance(s["layers"], list)
+    fd = j["first_divergence"]
+    if any_diag.first_divergence is None:
+        assert fd is None
+    else:
+        assert {"module", "onnx_node", "op_type", "kind", "max_abs", "message"} <= set(fd)
+    if any_diag.model is None:
+        assert j["model"] is None
+    else:
+        assert isinstance(j["model"]["path"], str)
+        assert {"architecture", "kind"} <= set(j["model"])
+    if any_diag.onnx is not None:
+        assert isinstance(j["onnx"]["path"], str)
+        assert {"exporter", "opset", "notes"} <= set(j["onnx"])
+
+
+def test_json_nonfinite_become_null(diverged: Diagnosis):
+    j = render.to_json_dict(diverged)
+    last = j["layers"][-1]
+    assert last["max_abs"] is None and last["cosine"] is None and last["max_rel"] is None
+    assert last["nan_onnx"] == 12 and last["passed"] is False
+    not_run = [r for r in j["layers"] if r["status"] == "not_run"]
+    assert not_run and all(r["passed"] is None and r["max_abs"] is None for r in not_run)
+    assert j["first_divergence"]["module"] == "upsample"
+    assert j["first_divergence"]["max_abs"] == pytest.approx(0.0417)
+    assert j["layers"][j["first_divergence"]["layer_index"]]["module"] == "upsample"
+    # attrs with numpy arrays / bytes still serialise
+    region = j["first_divergence"]["region"]
+    assert region[1]["attrs"]["mode"] == "cubic"
+    assert region[0]["attrs"]["value"] == [1.0, 1.0, 2.0, 2.0]
+    assert j["unmatched"]["torch"][0] == {"name": "body.0.rdb.lrelu1",
+                                          "reason": "fused into the preceding Conv by the exporter"}
+    assert {"module": "body.0.rdb.conv2", "shares_with": "model input"} in j["aliases"]
+
+
+def test_write_json(tmp_path: Path, diverged: Diagnosis):
+    out = render.write_json(diverged, tmp_path / "a" / "b" / "report.json")
+    assert out.is_file()
+    text = out.read_text(encoding="utf-8")
+    assert not re.search(r":\s*-?(NaN|Infinity)\b", text)
+    assert json.loads(text)["verdict"] == "diverged"
+    assert [p.name for p in out.parent.iterdir()] == ["report.json"]  # no temp file left
+
+
+# ======================================================================= HTML
+
+
+def test_html_content(any_diag: Diagnosis):
+    html = render.render_html(any_diag)
+    assert html.startswith("<!DOCTYPE html>")
+    label = {"pass": "PASS", "diverged": "DIVERGED", "error": "ERROR"}[any_diag.verdict]
+    assert label in html
+    for r in any_diag.layers:
+        assert r.module in html
+    if any_diag.first_divergence is not None:
+        assert 'id="first-divergence"' in html
+        assert any_diag.first_divergence.module in html
+    if any_diag.error:
+        assert "UntrustedPickleError" in html
+
+
+def test_html_diverged_details(diverged: Diagnosis):
+    html = render.render_html(diverged)
+    # sections in order
+    order = [html.index(f'id="{s}"') for s in
+             ("verdict", "first-divergence", "suggestions", "outputs", "chart", "layers", "unmatched", "details")]
+    assert order == sorted(order)
+    for i in range(len(diverged.layers)):
+        assert f'id="layer-{i}"' in html
+    fd_row = next(i for i, r in enumerate(diverged.layers) if r.module == "upsample")
+    assert f'href="#layer-{fd_row}"' in html
+    assert "cubic_coeff_a" in html and "bicubic" in html
+    assert "Bicubic upsampling uses a different kernel in ONNX" in html
+    assert "fused into the preceding Conv" in html and "/Add_3_output_0" in html
+    assert "<details" in html and "model input" in html  # aliases
+    assert "data:image/png;base64," in html  # preview
+    assert "4x_RealESRGAN_x4plus.onnx" in html and "1.22.0" in html
+    if hasattr(diverged.settings, "ort_config"):  # field added to Settings later
+        cfg = (("session.disable_gemm_fast_gelu_fusion", "1"),)
+        d2 = dataclasses.replace(diverged, settings=dataclasses.replace(diverged.settings, ort_config=cfg))
+        assert "session.disable_gemm_fast_gelu_fusion=1" in render.render_html(d2)
+        assert render.to_json_dict(d2)["settings"]["ort_config"] == {"session.disable_gemm_fast_gelu_fusion": "1"}
+    assert "Masked at the final output" not in html
+
+
+def test_html_masked():
+    html = render.render_html(make_diverged(masked=True))
+    head = html.split('id="first-divergence"')[0]
+    assert "Masked at the final output" in head
+
+
+def test_html_runtime_error_pre():
+    html = render.render_html(make_runtime_error())
+    assert re.search(r"<pre[^>]*>\[ONNXRuntimeError\]", html)
+
+
+def test_html_escapes():
+    d = make_diverged()
+    evil = "body.<script>alert(1)</script>"
+    layers = (dataclasses.replace(d.layers[0], module=evil),) + d.layers[1:]
+    d = dataclasses.replace(
+        d,
+        layers=layers,
+        summary='diverged at "<b>x</b>" & more',
+        first_divergence=dataclasses.replace(d.first_divergence, message="<img src=x onerror=alert(1)>"),
+    )
+    html = render.render_html(d)
+    assert "<script>alert(1)" not in html
+    assert "<img src=x" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script>") == 1  # only our own inline script
+
+
+def test_html_self_contained(any_diag: Diagnosis):
+    html = render.render_html(any_diag)
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", html, re.I)
+    assert "@import" not in html
+    assert "<link" not in html
+
+
+def test_html_empty_and_none():
+    d = make_error()
+    html = render.render_html(d)
+    assert "No layers were compared" in html
+    assert "Not loaded" in html
+    d2 = dataclasses.replace(make_pass(), layers=(), alignment=None, calls=())
+    assert "No layers were compared" in render.render_html(d2)
+
+
+def test_html_big_is_light():
+    d = make_big(5000)
+    html = render.render_html(d)
+    assert html.count("<circle") <= 2
+    assert html.count('<tr id="layer-') == 5000
+    assert len(html) < 8_000_000
+
+
+def test_write_html(tmp_path: Path, diverged: Diagnosis):
+    out = render.write_html(diverged, tmp_path / "sub" / "report.html")
+    assert out.read_text(encoding="utf-8") == render.render_html(diverged)
+    assert [p.name for p in out.parent.iterdir()] == ["report.html"]
+
+
+def test_write_html_atomic_on_render_error(tmp_path: Path, diverged: Diagnosis, monkeypatch):
+    target = tmp_path / "report.html"
+
+    def boom(*a, **k):
+        raise RuntimeError("template exploded")
+
+    monkeypatch.setattr(render, "render_html", boom)
+    with pytest.raises(RuntimeError):
+        render.write_html(diverged, target)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_on_write_error(tmp_path: Path, diverged: Diagnosis, monkeypatch):
+    """A failure while the bytes are being written keeps the old report and leaves no temp file."""
+    target = tmp_path / "report.html"
+    target.write_text("old report")
+    real_fsync = render.os.fsync
+
+    def failing_fsync(fd):
+        real_fsync(fd)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(render.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        render.write_html(diverged, target)
+    assert target.read_text() == "old report"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_template_autoescape_on():
+    assert render._env().autoescape is True or render._env().autoescape("x.html")
+
+
+# ======================================================================= console
+
+
+def test_console_plain(diverged: Diagnosis):
+    text = render.console_summary(diverged, color=False)
+    assert "\x1b" not in text
+    assert "DIVERGED" in text
+    assert "upsample" in text and "/upsample/Resize" in text and "Resize" in text
+    assert "0.0417" in text
+    assert "Bicubic upsampling uses a different kernel in ONNX" in text
+    assert "Consider exporting in float32" not in text  # only the top 3
+    assert "+1 more" in text
+    assert "--ignore" in text  # notes
+    assert "masked" not in text.lower()
+
+
+def test_console_color_and_masked():
+    text = render.console_summary(make_diverged(masked=True), color=True)
+    assert "\x1b[" in text
+    assert "masked downstream" in text
+    plain = render.console_summary(make_pass(), color=False)
+    assert "PASS" in plain and "\x1b" not in plain
+    assert "\x1b[1;32m" in render.console_summary(make_pass(), color=True)
+
+
+def test_console_error():
+    text = render.console_summary(make_error(), color=False)
+    assert "ERROR" in text and "UntrustedPickleError" in text and "\x1b" not in text
+
+
+# ======================================================================= formatting
+
+
+@pytest.mark.parametrize(
+    "x, s",
+    [
+        (None, "–"), (0.0, "0"), (math.nan, "NaN"), (math.inf, "inf"), (-math.inf, "-inf"),
+        (0.0417, "0.0417"), (1.0, "1"), (123.456, "123"), (1234.5, "1234"), (1.234e-5, "1.23e-5"),
+        (1e-9, "1e-9"), (2.5e7, "2.5e7"), (-3.14159e-6, "-3.14e-6"),
+    ],
+)
+def test_fmt_num(x, s):
+    assert render.fmt_num(x) == s
+
+
+# ======================================================================= edge cases
+
+
+def test_every_suggestion_listed(diverged: Diagnosis):
+    html = render.render_html(diverged)
+    suggestions = html.split('id="suggestions"')[1].split('id="outputs"')[0]
+    for s in diverged.suggestions:
+        assert s.title in suggestions
+    for s in diverged.suggestions[1:]:
+        assert s.fix in suggestions
+
+
+def test_chart_edge_cases():
+    d = make_pass()
+    zero = [dataclasses.replace(r, metrics=dataclasses.replace(r.metrics, max_abs=0.0, scale=0.0))
+            for r in d.layers]
+    d0 = dataclasses.replace(d, layers=tuple(zero), settings=dataclasses.replace(SETTINGS, rtol=0.0))
+    html = render.render_html(d0)
+    assert 'class="rtol"' not in html and 'id="chart-svg"' in html
+    one = dataclasses.replace(d, layers=d.layers[:1])
+    assert 'id="layer-0"' in render.render_html(one)
+    # first divergence that matches no row: no marker, no link, no crash
+    dv = make_diverged()
+    dv = dataclasses.replace(dv, first_divergence=dataclasses.replace(dv.first_divergence, module="elsewhere",
+                                                                      onnx_node="/nowhere"))
+    html = render.render_html(dv)
+    assert 'class="fd-line"' not in html and "in the layer table" not in html
+    assert render.to_json_dict(dv)["first_divergence"]["layer_index"] is None
+
+
+def test_previews_odd_arrays():
+    d = make_diverged()
+    d = dataclasses.replace(d, previews={
+        "row": np.array([0.0, 1.0, np.nan, 3.0]),
+        "scalar": np.float32(2.0),
+        "all nan": np.full((4, 4), np.nan),
+        "empty": np.zeros((0, 3)),
+        "big": np.random.default_rng(0).random((2, 1200, 700)),
+    })
+    html = render.render_html(d)
+    assert html.count("data:image/png;base64,") == 4  # the empty one is skipped
+    assert "1 non-finite" in html
+
+
+def test_attr_values_formatting():
+    assert render.fmt_value(b"cubic") == "cubic"
+    assert render.fmt_value((2,)) == "(2,)"
+    assert render.fmt_value([1.0, 0.5]) == "[1, 0.5]"
+    assert render.fmt_value(np.zeros((10, 10))).startswith("array(shape=10x10")
+    assert len(render.fmt_value("x" * 1000)) == 160
+    j = render._plain({"a": np.float32("nan"), "b": (1, np.int64(2)), "c": Path("/x"), "d": object})
+    assert j["a"] is None and j["b"] == [1, 2] and j["c"] == "/x" and isinstance(j["d"], str)
+    json.dumps(j, allow_nan=False)
+
+
+def test_notes_deduplicated():
+    d = make_diverged()
+    d = dataclasses.replace(d, notes=d.notes + d.onnx.notes + d.model.notes)
+    html = render.render_html(d)
+    assert html.count(d.onnx.notes[0]) == 1
+    text = render.console_summary(d, color=False)
+    assert text.count(d.model.notes[0]) == 1
