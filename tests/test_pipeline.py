@@ -122,3 +122,15 @@ def test_torch_and_onnx_get_separate_inputs_when_the_model_mutates_its_input(tmp
     d = diagnose(model, input_shape=SHAPE, exporter="legacy", output_dir=tmp_path)
     assert d.facts.input_mutated
     assert d.verdict == "pass", d.summary
+
+
+def test_diagnosing_a_training_model_does_not_change_it(tmp_path):
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    diagnose(model, input_shape=(1, 3, 16, 16), exporter="legacy", output_dir=tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training

@@ -118,6 +118,7 @@ def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
     if has_scopes:
         _match_by_scope(state, scopes)
     _match_by_weights(state, parameters)
+    _pair_folded_batchnorm(state, parameters)
     while _follow_data_flow(state):
         pass
 
@@ -332,7 +333,7 @@ def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.nd
             if onnx_weight.shape != weight.shape and onnx_weight.T.shape == weight.shape:
                 onnx_weight = onnx_weight.T
             if onnx_weight.shape == weight.shape:
-                scored.append((_cosine(weight, onnx_weight), node))
+                scored.append((_channel_similarity(weight, onnx_weight), node))
         scored.sort(key=lambda item: -item[0])
         if not scored or scored[0][0] < CLOSE_COSINE:
             continue
@@ -343,10 +344,51 @@ def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.nd
             used.add(scored[0][1].index)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b / denom) if denom else 0.0
+def _channel_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |cosine| between matching output channels: 1.0 when ``b`` is ``a`` with each
+    output channel scaled (folded BatchNorm, fp16 rounding, one channel changed)."""
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    live = norms > 0
+    if not live.any():
+        return 0.0
+    return float(np.mean(np.abs((a * b).sum(axis=1)[live] / norms[live])))
+
+
+FOLDED = 0.999  # per-channel similarity of a conv weight with BatchNorm folded into it
+
+
+def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
+    """Conv + BatchNorm exported as one Conv: the tensor belongs to the BatchNorm.
+
+    Exporters fold an eval-mode BatchNorm into the Conv before it, leaving no node for
+    the BatchNorm and a Conv whose output is the BatchNorm's. The Conv's weight is then
+    the module's weight scaled per output channel. The pair moves to the last module
+    the node covers; the Conv is reported as fused into it.
+    """
+    graph = state.graph
+    for call in state.calls:
+        if (call.alias_of is not None or call.index in state.pairs
+                or not call.module_type.startswith("BatchNorm")):
+            continue
+        producers = {state.real(p) for p in call.producers}
+        conv = producers.pop() if len(producers) == 1 else None
+        pair = state.pairs.get(conv) if conv is not None else None
+        if pair is None or pair.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        node = graph.node_of(pair.onnx_tensor)
+        torch_weight = parameters.get(conv, {}).get("weight")
+        onnx_weight = graph.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        if (torch_weight is None or onnx_weight is None or onnx_weight.shape != torch_weight.shape
+                or np.array_equal(onnx_weight, torch_weight)
+                or _channel_similarity(torch_weight, onnx_weight) < FOLDED):
+            continue
+        del state.pairs[conv]
+        del state.claimed[pair.onnx_tensor]
+        state.complete.discard(conv)
+        if state.add(call.index, pair.onnx_tensor, "fused", state.instance.pop(conv)):
+            state.why_not[conv] = f"fused into ONNX node '{node.name}' with {state.calls[call.index].label}"
 
 
 def _with_bias(graph: OnnxGraph, node: OnnxNode, bias: np.ndarray | None) -> str:

@@ -261,7 +261,7 @@ def _session(model: bytes, level: str, provider: str,
              config: tuple[tuple[str, str], ...] = ()) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach us as exceptions; keep stderr clean
     for key, value in config:  # session options the user deploys with
         options.add_session_config_entry(key, value)
     try:

@@ -172,6 +172,9 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
     own_input = example.clone()
     recorder = _Recorder(own_input)
     use_hooks = hooks and not isinstance(model, torch.jit.ScriptModule)
+    # A model in training mode updates BatchNorm running statistics as it runs: restore
+    # them, so that diagnosing a model does not change it.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
         with torch.no_grad():
             if use_hooks:
@@ -185,6 +188,11 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
             f"{type(exc).__name__}: {_first_line(exc)}",
             hint="check --input-shape (N,C,H,W): channels and a size the model accepts",
         ) from exc
+    finally:
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                if name in buffers:
+                    value.copy_(buffers[name])
     outputs = [_to_numpy(t) for t in _tensors(result)]
     if not outputs:
         raise LayerdiffError(

@@ -65,7 +65,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
         reason = (f"NaN/Inf differ (torch {int(ref_nan.sum())} NaN {int(ref_inf.sum())} Inf, "
                   f"onnx {int(cand_nan.sum())} NaN {int(cand_inf.sum())} Inf)")
     elif max_abs > atol + rtol * scale:
-        reason = f"max error {max_abs:.3g} is {max_abs / max(scale, 1e-30):.2g} of the range {scale:.3g}"
+        reason = f"max error {max_abs:.3g} is {max_abs / max(scale, 1e-30):.2%} of the tensor's range {scale:.3g}"
     elif outlier_share > OUTLIER_SHARE:
         reason = f"{outlier_share:.1%} of elements outside atol + rtol*|x|"
 

@@ -180,15 +180,20 @@ def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[Ou
                 f"{len(outputs)} output(s) are within {tolerance}.")
     elif first is not None and first.kind == "runtime_error":
         where = f" ({first.module})" if first.module else ""
-        text = (f"onnxruntime fails at {first.op_type} node '{first.onnx_node}'{where}: "
-                f"{first.message}. Layers before it were compared; nothing after it ran.")
+        ran = sum(1 for l in layers if l.metrics is not None)
+        if first.onnx_node:
+            text = f"onnxruntime fails at {first.op_type} node '{first.onnx_node}'{where}: {first.message}."
+        else:
+            text = f"onnxruntime refuses to run the model on this input: {first.message}."
+        text += (f" The {ran} layer(s) before it were compared; nothing after it ran."
+                 if ran else " No layer could be compared.")
     elif first is not None:
         failing = sum(1 for l in counted if l.status == "fail")
         metrics = next(l.metrics for l in layers if l.module == first.module)
         rel = metrics.max_abs / metrics.scale if metrics and metrics.scale else float("nan")
         text = (f"The ONNX model diverges from PyTorch. The first divergence is at "
                 f"{first.module} ({first.module_type}, ONNX {first.op_type} '{first.onnx_node}'): "
-                f"max error {first.max_abs:.3g}, {rel:.2g} of that layer's range. "
+                f"max error {first.max_abs:.3g}, {rel:.1%} of that layer's range. "
                 f"{failing} of {len(counted)} compared layers fail ({tolerance}).")
         if first.downstream_of_ignored:
             text += (" It lies downstream of ignored layers that fail ("

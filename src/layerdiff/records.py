@@ -96,7 +96,7 @@ class Pair:
     onnx_node: str  # node producing the tensor
     op_type: str
     order: int  # position of the producing node in ONNX topological order
-    method: str  # "scope" | "weights" (equal) | "weights~" (close, not equal) | "structure"
+    method: str  # "scope" | "weights" (equal) | "weights~" (close) | "structure" | "fused"
 
 
 @dataclass(frozen=True)
