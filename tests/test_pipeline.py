@@ -134,3 +134,62 @@ def test_diagnosing_a_training_model_does_not_change_it(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training
+
+
+class _WithStrength(__import__("torch").nn.Module):
+    """Like RealCUGAN's original export: a second graph input with a default in forward()."""
+
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, alpha=0.5):
+        return self.conv(x) * alpha
+
+
+def _two_input_onnx(tmp_path, model):
+    import torch
+
+    path = tmp_path / "two_inputs.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 16, 16), torch.tensor(0.5)), str(path),
+                      dynamo=False, opset_version=17, input_names=["input", "alpha"])
+    return path
+
+
+def test_extra_onnx_input_is_fed_from_the_forward_default(tmp_path):
+    model = _WithStrength().eval()
+    d = diagnose(model, _two_input_onnx(tmp_path, model), input_shape=(1, 3, 16, 16))
+    assert d.verdict == "pass", d.summary
+
+
+def test_extra_onnx_input_without_a_default_is_a_clear_error(tmp_path):
+    import torch
+
+    from layerdiff import LayerdiffError
+
+    class NoDefault(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x, alpha):
+            return self.conv(x) * alpha
+
+    path = _two_input_onnx(tmp_path, _WithStrength().eval())
+    with pytest.raises(LayerdiffError, match="input 'alpha'"):
+        diagnose(NoDefault().eval(), path, input_shape=(1, 3, 16, 16))
+
+
+def test_torchscript_compares_outputs_and_says_so(tmp_path):
+    import torch
+
+    model = make_model("compact")
+    scripted = torch.jit.trace(model, torch.rand(1, 3, 16, 16))
+    archive = tmp_path / "compact.pt"
+    scripted.save(str(archive))
+    d = diagnose(archive, input_shape=(1, 3, 16, 16), exporter="legacy", output_dir=tmp_path)
+    assert d.verdict == "pass" and d.model.kind == "torchscript"
+    assert d.outputs and all(o.passed for o in d.outputs)
+    assert any("only the final outputs" in n for n in d.notes)

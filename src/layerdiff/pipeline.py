@@ -109,6 +109,9 @@ def diagnose(
             graph, feeds, alignment, captured, settings))
 
     notes = list(source.notes) + list(loaded.notes)
+    if not captured.calls:
+        notes.append("No submodule outputs were captured (TorchScript modules take no forward "
+                     "hooks): only the final outputs are compared.")
     if captured.input_mutated:
         notes.append("The model changes its input tensor in place during forward; "
                      "layerdiff gave PyTorch and ONNX their own copies.")
