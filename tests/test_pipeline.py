@@ -95,14 +95,31 @@ def test_ignore_patterns_match_modules_nodes_and_ops(pattern, exported):
     assert ignored == ["upsampler"]
 
 
-def test_ignoring_an_upstream_fault_moves_the_first_divergence(exported, tmp_path):
+def test_ignoring_the_cause_blames_nothing_downstream(exported, tmp_path):
+    # Downstream layers fail only through the error they receive; their own segments
+    # are right, so once the cause is ignored none of them is blamed.
     path, node = with_fault(exported("esrgan", "legacy"),
                             lambda m: faults.scale_weight(m, "Conv", 1, 1.5), tmp_path)
     model = make_model("esrgan")
-    blamed = diagnose(model, path, input_shape=SHAPE).first_divergence.module
+    plain = diagnose(model, path, input_shape=SHAPE)
+    blamed = plain.first_divergence.module
+    assert any(l.status == "propagated" for l in plain.layers)
     d = diagnose(model, path, input_shape=SHAPE, ignore=[blamed])
-    assert d.first_divergence is not None and d.first_divergence.module != blamed
-    assert blamed in d.first_divergence.downstream_of_ignored
+    assert d.first_divergence is None
+    assert [l.status for l in d.layers if l.module == blamed] == ["ignored"]
+    assert "fail" not in {l.status for l in d.layers}
+
+
+def test_local_error_separates_cause_from_propagation(exported, tmp_path):
+    path, node = with_fault(exported("compact", "dynamo"),
+                            lambda m: faults.scale_weight(m, "Conv", 1, 1.5), tmp_path)
+    d = diagnose(make_model("compact"), path, input_shape=SHAPE)
+    causes = [l for l in d.layers if l.status == "fail"]
+    assert [l.onnx_node for l in causes] == [node]
+    after = [l for l in d.layers if l.order > causes[0].order]
+    assert after and all(l.status == "propagated" for l in after)
+    assert all(l.local is not None and l.local.passed for l in after)
+    assert all(not l.metrics.passed for l in after)
 
 
 def test_torch_and_onnx_get_separate_inputs_when_the_model_mutates_its_input(tmp_path):

@@ -1,10 +1,14 @@
 """From compared layers to a verdict: ignore patterns, first divergence, summary.
 
-The first divergence is, in ONNX execution (topological) order, the first aligned,
-non-ignored layer that fails. Every aligned layer upstream of it comes earlier in that
-order, so all of them pass (or are ignored, which the record then says). When
-onnxruntime fails on a node, that node is the first divergence unless a layer before it
-already failed.
+Each layer has two errors. The accumulated error compares the ONNX model's tensor with
+PyTorch's; it grows downstream of any fault. The local error compares what the layer's
+own ONNX segment computes from PyTorch's values of its inputs; only that segment's error
+remains. A layer whose local error fails is a cause ("fail"); one whose accumulated error
+fails while its local error passes only carries error from upstream ("propagated").
+
+The first divergence is, in ONNX execution (topological) order, the first non-ignored
+layer that fails locally. When onnxruntime fails on a node, that node is the first
+divergence unless a layer before it already failed.
 """
 
 from __future__ import annotations
@@ -40,26 +44,36 @@ def layer_results(
     torch_values: dict[int, np.ndarray],
     onnx_values: dict[str, np.ndarray],
     *, rtol: float, atol: float, ignore: Sequence[str],
+    local_values: dict[str, np.ndarray] | None = None,
 ) -> list[LayerResult]:
     layers = []
     for pair in alignment.pairs:
         call = calls[pair.call]
+        reference = torch_values[pair.call]
         value = onnx_values.get(pair.onnx_tensor)
-        metrics = None if value is None else compare(torch_values[pair.call], value,
-                                                     rtol=rtol, atol=atol)
+        metrics = None if value is None else compare(reference, value, rtol=rtol, atol=atol)
+        own = (local_values or {}).get(pair.onnx_tensor)
+        local = None if own is None else compare(reference, own, rtol=rtol, atol=atol)
         ignored = is_ignored(ignore, call.label, pair.onnx_node, pair.op_type)
-        if metrics is None:
-            status = "not_run"
-        elif ignored:
-            status = "ignored"
-        else:
-            status = "pass" if metrics.passed else "fail"
         layers.append(LayerResult(
             module=call.label, module_type=call.module_type, onnx_tensor=pair.onnx_tensor,
             onnx_node=pair.onnx_node, op_type=pair.op_type, order=pair.order,
-            method=pair.method, metrics=metrics, ignored=ignored, status=status,
+            method=pair.method, metrics=metrics, ignored=ignored,
+            status=_status(metrics, local, ignored), local=local,
         ))
     return layers
+
+
+def _status(metrics: Metrics | None, local: Metrics | None, ignored: bool) -> str:
+    if metrics is None:
+        return "not_run"
+    if ignored:
+        return "ignored"
+    if local is not None:
+        if not local.passed:
+            return "fail"
+        return "pass" if metrics.passed else "propagated"
+    return "pass" if metrics.passed else "fail"
 
 
 def output_results(torch_outputs: Sequence[np.ndarray], onnx_outputs: Sequence[np.ndarray] | None,
@@ -88,6 +102,8 @@ def first_divergence(
 
 def _numeric(layer: LayerResult, layers, graph, alignment, calls) -> FirstDivergence:
     metrics: Metrics = layer.metrics  # type: ignore[assignment]
+    if layer.local is not None and not layer.local.passed:
+        metrics = layer.local  # its own failure is the evidence
     if metrics.shape_torch != metrics.shape_onnx:
         kind = "shape_mismatch"
     elif metrics.reason.startswith("NaN/Inf"):
@@ -152,15 +168,28 @@ def _descendant_tensors(graph: OnnxGraph, start: int) -> set[str]:
 
 
 def _ignored_failing_ancestors(layer: LayerResult, layers, graph: OnnxGraph) -> tuple[str, ...]:
-    suspects = [l for l in layers if l.ignored and l.metrics is not None and not l.metrics.passed
-                and l.order < layer.order]
+    suspects = [l for l in layers if l.ignored and l.order < layer.order and not _own_pass(l)]
     return tuple(l.module for l in suspects
                  if layer.onnx_tensor in _descendant_tensors(graph, graph.producer[l.onnx_tensor]))
 
 
+def _own_pass(layer: LayerResult) -> bool:
+    """Whether the layer's own computation is right (local error when measured)."""
+    judged = layer.local or layer.metrics
+    return judged is None or judged.passed
+
+
+def ignored_failures(layers: Sequence[LayerResult]) -> list[LayerResult]:
+    return [l for l in layers if l.ignored and not _own_pass(l)]
+
+
 def verdict(layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
             first: FirstDivergence | None) -> tuple[str, bool]:
-    """("pass" | "diverged", masked): masked when a layer fails but every output passes."""
+    """("pass" | "diverged", masked): masked when a layer fails but every output passes.
+
+    Layers count through their own error: one that only carries error from upstream
+    ("propagated") is not a divergence by itself; the layer it came from is.
+    """
     layer_failed = any(l.status == "fail" for l in layers)
     output_failed = any(not o.passed for o in outputs) or not outputs
     if first is None and not layer_failed and outputs and not output_failed:
@@ -188,22 +217,35 @@ def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[Ou
         text += (f" The {ran} layer(s) before it were compared; nothing after it ran."
                  if ran else " No layer could be compared.")
     elif first is not None:
-        failing = sum(1 for l in counted if l.status == "fail")
+        causes = sum(1 for l in counted if l.status == "fail")
+        carried = sum(1 for l in counted if l.status == "propagated")
         metrics = next(l.metrics for l in layers if l.module == first.module)
         rel = metrics.max_abs / metrics.scale if metrics and metrics.scale else float("nan")
         text = (f"The ONNX model diverges from PyTorch. The first divergence is at "
                 f"{first.module} ({first.module_type}, ONNX {first.op_type} '{first.onnx_node}'): "
-                f"max error {first.max_abs:.3g}, {rel:.1%} of that layer's range. "
-                f"{failing} of {len(counted)} compared layers fail ({tolerance}).")
+                f"max error {first.max_abs:.3g}, {rel:.1%} of that layer's range. Of "
+                f"{len(counted)} compared layers, {causes} fail on their own and {carried} "
+                f"only carry error from upstream ({tolerance}).")
         if first.downstream_of_ignored:
             text += (" It lies downstream of ignored layers that fail ("
                      + ", ".join(first.downstream_of_ignored[:3])
                      + "), so part of its error may come from them.")
     else:
         worst = max(outputs, key=lambda o: o.metrics.max_abs, default=None)
-        text = ("The final output differs from PyTorch but no aligned layer fails"
-                + (f" (max error {worst.metrics.max_abs:.3g})" if worst else "")
-                + ": the cause lies in layers that could not be aligned.")
+        error = f" (max error {worst.metrics.max_abs:.3g})" if worst else ""
+        ignored = ignored_failures(layers)
+        drifting = [l for l in counted if l.status == "propagated"]
+        if ignored:
+            text = (f"The final output differs from PyTorch{error}. The only layers whose "
+                    "own computation fails are ignored: "
+                    + ", ".join(l.module for l in ignored[:3]) + ".")
+        elif drifting:
+            text = (f"The final output differs from PyTorch{error}, but no layer's own "
+                    f"computation fails: the error grows slowly across {len(drifting)} layers "
+                    "(ordinary float rounding drift, no single jump).")
+        else:
+            text = (f"The final output differs from PyTorch{error} but no aligned layer "
+                    "fails: the cause lies in layers that could not be aligned.")
     if masked:
         text += " The final output still passes: the divergence is masked downstream."
     elif verdict_ != "pass" and outputs:

@@ -87,10 +87,16 @@ def diagnose(
     except capture_onnx.OnnxLoadError as exc:
         return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
 
-    say("comparing")
     alignment = drop_misfits(alignment, captured.calls, run.values)
+    say("running each layer's ONNX segment on PyTorch's inputs (local error)")
+    local = capture_onnx.run_local(
+        graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
+        level=ort_level, provider=provider, config=settings.ort_config)
+
+    say("comparing")
     layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
-                                 rtol=rtol, atol=atol, ignore=settings.ignore)
+                                 rtol=rtol, atol=atol, ignore=settings.ignore,
+                                 local_values=local.values)
     outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs, rtol=rtol, atol=atol)
     first = judge.first_divergence(layers, graph, alignment, captured.calls, run.failure)
     verdict, masked = judge.verdict(layers, outputs, first)
@@ -216,8 +222,12 @@ def _vanishes_unoptimised(graph, feeds, alignment, captured, settings: Settings)
                                config=settings.ort_config)
     except capture_onnx.OnnxLoadError:
         return None
+    local = capture_onnx.run_local(
+        graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
+        level="disable", provider=settings.provider, config=settings.ort_config)
     layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
-                                 rtol=settings.rtol, atol=settings.atol, ignore=settings.ignore)
+                                 rtol=settings.rtol, atol=settings.atol, ignore=settings.ignore,
+                                 local_values=local.values)
     outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs,
                                    rtol=settings.rtol, atol=settings.atol)
     return run.failure is None and judge.verdict(layers, outputs, None)[0] == "pass"

@@ -148,7 +148,11 @@ class LayerResult:
     method: str
     metrics: Metrics | None  # None when onnxruntime never produced the tensor
     ignored: bool = False
-    status: str = "pass"  # "pass" | "fail" | "ignored" | "not_run"
+    # "pass" | "fail" (its own segment fails) | "propagated" (only error from upstream)
+    # | "ignored" | "not_run"
+    status: str = "pass"
+    # The layer's own error: its ONNX segment run on the PyTorch values of its inputs.
+    local: Metrics | None = None
 
     @property
     def passed(self) -> bool | None:

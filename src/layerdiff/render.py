@@ -300,6 +300,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             "status": r.status,
         }
         row.update(m)
+        # The layer's own error (its segment on PyTorch's inputs); null when not measured.
+        row["local"] = _metrics_json(r.local) if r.local is not None else None
         layers.append(row)
 
     first = None
