@@ -18,7 +18,8 @@ CLEAN_CASES = [
 
 @pytest.mark.parametrize("arch,how", CLEAN_CASES)
 def test_clean_export_passes(arch, how, exported):
-    d = diagnose(make_model(arch), exported(arch, how), input_shape=SHAPE)
+    # At the export size; other sizes are the subject of the next test.
+    d = diagnose(make_model(arch), exported(arch, how), input_shape=SHAPE, check_sizes=())
     assert d.verdict == "pass", d.summary
     assert d.first_divergence is None
     assert all(layer.status == "pass" for layer in d.layers)
@@ -27,6 +28,24 @@ def test_clean_export_passes(arch, how, exported):
     real_calls = [c for c in d.calls if c.alias_of is None]
     assert len(d.layers) >= 0.5 * len(real_calls)
     assert len({layer.onnx_tensor for layer in d.layers}) == len(d.layers)
+
+
+@pytest.mark.parametrize("arch,how,broken", [
+    ("esrgan", "nameless", False), ("compact", "nameless", False),
+    # Tracing SwinIR freezes its window padding as constants: right at the traced size,
+    # wrong anywhere else. The default size check must find that.
+    ("swinir", "nameless", True),
+])
+def test_other_sizes_are_checked_by_default(arch, how, broken, exported):
+    d = diagnose(make_model(arch), exported(arch, how), input_shape=SHAPE)
+    assert [c.kind for c in d.cases] == ["random", "size"]
+    assert d.cases[0].verdict == "pass"
+    if broken:
+        assert d.verdict == "diverged"
+        assert d.first_divergence.case == d.cases[1].label
+        assert "frozen_shape" in [s.rule for s in d.suggestions]
+    else:
+        assert d.verdict == "pass", d.summary
 
 
 FAULTS = {

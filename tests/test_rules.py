@@ -334,8 +334,17 @@ def test_frozen_shape_reshape_fails_at_other_size(tmp_path):
     assert_fires(d, "frozen_shape")
     assert suggestion(d, "frozen_shape").title == "A shape was frozen at export time"
 
-    same_size = diagnose(model, onnx=path, input_shape=(1, 3, 32, 32), output_dir=tmp_path)
+    same_size = diagnose(model, onnx=path, input_shape=(1, 3, 32, 32), output_dir=tmp_path,
+                         check_sizes=())
     assert same_size.verdict == "pass" and not same_size.suggestions
+
+    # By default layerdiff also runs an odd, non-square size, which finds the fault.
+    default = diagnose(model, onnx=path, input_shape=(1, 3, 32, 32), output_dir=tmp_path)
+    assert default.verdict == "diverged"
+    assert default.cases[0].verdict == "pass" and default.cases[1].kind == "size"
+    assert default.first_divergence.case == default.cases[1].label
+    assert default.first_divergence.kind == "runtime_error"
+    assert_fires(default, "frozen_shape")
 
 
 def test_frozen_shape_fixed_input_size(tmp_path):

@@ -277,6 +277,36 @@ def run_local(
     return OnnxRun(values=dict(zip(names, values)), outputs=None)
 
 
+def optimised_producer(graph: OnnxGraph, node_name: str, *, level: str, provider: str,
+                       config: tuple[tuple[str, str], ...] = ()) -> str:
+    """What onnxruntime's optimiser made of ``node_name``: the op that now produces its
+    output (e.g. "FastGelu (com.microsoft)"), or "" when it is unchanged or unknown."""
+    import tempfile
+
+    node = next((n for n in graph.nodes if n.name == node_name), None)
+    if node is None or not node.outputs:
+        return ""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS[level]
+    options.log_severity_level = 4
+    for key, value in config:
+        options.add_session_config_entry(key, value)
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
+        try:
+            ort.InferenceSession(_instrumented(graph, [node.outputs[0]], keep_outputs=True),
+                                 options, providers=[provider])
+            optimised = onnx.load(options.optimized_model_filepath)
+        except Exception:  # only an explanation; the diagnosis stands without it
+            return ""
+    for candidate in optimised.graph.node:
+        if node.outputs[0] in candidate.output:
+            if candidate.op_type == node.op_type and candidate.domain in ("", "ai.onnx"):
+                return ""
+            return f"{candidate.op_type} ({candidate.domain or 'ai.onnx'})"
+    return ""
+
+
 def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], *, level: str = "all",
               provider: str = "CPUExecutionProvider",
               config: tuple[tuple[str, str], ...] = ()) -> list[np.ndarray]:

@@ -45,15 +45,19 @@ def layer_results(
     onnx_values: dict[str, np.ndarray],
     *, rtol: float, atol: float, ignore: Sequence[str],
     local_values: dict[str, np.ndarray] | None = None,
+    noise: dict[int, float] | None = None,
 ) -> list[LayerResult]:
+    """``noise``: per call, PyTorch fp32's own error against float64 (see compare.py)."""
     layers = []
     for pair in alignment.pairs:
         call = calls[pair.call]
         reference = torch_values[pair.call]
+        floor = (noise or {}).get(pair.call, 0.0)
         value = onnx_values.get(pair.onnx_tensor)
-        metrics = None if value is None else compare(reference, value, rtol=rtol, atol=atol)
+        metrics = None if value is None else compare(reference, value, rtol=rtol, atol=atol,
+                                                     noise=floor)
         own = (local_values or {}).get(pair.onnx_tensor)
-        local = None if own is None else compare(reference, own, rtol=rtol, atol=atol)
+        local = None if own is None else compare(reference, own, rtol=rtol, atol=atol, noise=floor)
         ignored = is_ignored(ignore, call.label, pair.onnx_node, pair.op_type)
         layers.append(LayerResult(
             module=call.label, module_type=call.module_type, onnx_tensor=pair.onnx_tensor,

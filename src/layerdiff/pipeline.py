@@ -1,29 +1,41 @@
 """The diagnosis pipeline: one function that runs every stage in order.
 
-load model -> get ONNX (export or given) -> capture torch -> read ONNX -> align
--> run ONNX with aligned tensors exposed -> compare -> first divergence -> rules.
+load model -> get ONNX (export or given) -> for each input (random, files, other sizes):
+capture torch (+ float64 referee) -> align -> run ONNX with aligned tensors exposed ->
+run each layer's segment on torch's inputs -> compare -> then combine the inputs (each
+layer keeps its worst), find the first divergence, re-check without ORT optimisation,
+apply the rules.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
 import platform
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from . import capture_onnx, capture_torch, divergence as judge
+from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_
 from .align import align, drop_misfits
-from .errors import UsageError
+from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
 from .loading import from_module, load_model
-from .records import Diagnosis, Facts, LoadedModel, OnnxSource, Settings
+from .records import (
+    Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, LayerResult, LoadedModel,
+    OnnxSource, OutputResult, Referee, Settings, TorchCall,
+)
 from .rules import suggest
 
 Progress = Callable[[str], None]
+
+# The referee keeps a float64 copy of every activation: only when that stays well
+# inside the memory that is free.
+REFEREE_MEMORY_SHARE = 0.25
 
 
 def diagnose(
@@ -32,6 +44,10 @@ def diagnose(
     *,
     input_shape: tuple[int, ...] | None = None,
     seed: int = 0,
+    samples: int = 1,
+    inputs: tuple[str, ...] | list[str] = (),
+    check_sizes: tuple[tuple[int, int], ...] | list[tuple[int, int]] | None = None,
+    reference: str = "float64",
     rtol: float = 1e-3,
     atol: float = 1e-5,
     ignore: tuple[str, ...] | list[str] = (),
@@ -47,95 +63,108 @@ def diagnose(
     """Compare ``model`` with its ONNX export layer by layer and return a Diagnosis.
 
     ``model`` is a path (spandrel state dict, TorchScript archive), an ``nn.Module`` or a
-    LoadedModel. Without ``onnx`` the model is exported into ``output_dir``. Raises
-    LayerdiffError for input the user must fix (bad file, unknown architecture...).
+    LoadedModel. Without ``onnx`` the model is exported into ``output_dir``. The model
+    runs on ``samples`` random inputs, the ``inputs`` files, and at ``check_sizes``
+    (None: one odd, non-square size besides the main one, when the graph takes any
+    size; () for none). ``reference="float64"`` also runs PyTorch in float64 to measure
+    each layer's fp32 noise floor and say which side is off. Raises LayerdiffError for
+    input the user must fix.
     """
     say = progress or (lambda _msg: None)
     if ort_level not in capture_onnx.LEVELS:
         raise UsageError(f"unknown onnxruntime optimisation level '{ort_level}'",
                          hint="use one of: " + ", ".join(capture_onnx.LEVELS))
+    if reference not in ("float64", "none"):
+        raise UsageError(f"unknown reference '{reference}'", hint="use float64 or none")
 
     say("loading model")
     loaded = _load(model, trust_pickle)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
-    example = make_input(shape, seed)
-    settings = Settings(rtol=rtol, atol=atol, input_shape=shape, seed=seed,
-                        ignore=tuple(ignore), provider=provider, ort_level=ort_level,
-                        ort_config=tuple((ort_config or {}).items()))
+    main_input = cases_.random_input(shape, seed)
 
     if onnx is None:
         say(f"exporting with the {exporter} exporter")
         out = Path(output_dir) / f"{_stem(loaded)}.onnx"
         out.parent.mkdir(parents=True, exist_ok=True)
-        source = export_onnx(loaded, example, out, exporter=exporter, opset=opset)
+        source = export_onnx(loaded, main_input, out, exporter=exporter, opset=opset)
+        export_size = tuple(shape[-2:])
     else:
         source = describe_onnx(onnx)
+        export_size = None
     graph = capture_onnx.load_graph(source.path)
-    feeds = _feeds(graph, example, loaded)
+    notes = list(source.notes) + list(loaded.notes)
 
-    say("running PyTorch with hooks")
-    was_training = capture_torch.training_modules(loaded.module) if isinstance(loaded.module, torch.nn.Module) else ()
-    captured = capture_torch.capture(loaded.module, example)
+    sizes, size_note = _sizes(check_sizes, shape, graph)
+    if size_note:
+        notes.append(size_note)
+    settings = Settings(rtol=rtol, atol=atol, input_shape=shape, seed=seed, ignore=tuple(ignore),
+                        provider=provider, ort_level=ort_level,
+                        ort_config=tuple((ort_config or {}).items()), reference=reference,
+                        samples=samples, inputs=tuple(str(i) for i in inputs),
+                        check_sizes=tuple(sizes))
+    runner = _CaseRunner(loaded, graph, settings, say)
+    results: list[_Case] = []
+    skipped: list[CaseResult] = []
+    for number, case in enumerate(cases_.cases(shape, seed, samples=samples,
+                                               files=settings.inputs, sizes=settings.check_sizes)):
+        say(f"input {number + 1}: {case.label}")
+        try:
+            results.append(runner.run(case))
+        except capture_onnx.OnnxLoadError as exc:
+            return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
+        except LayerdiffError as exc:
+            if number == 0 or case.kind == "file":
+                raise
+            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), "skipped", case.kind,
+                                      note=f"PyTorch itself fails here: {exc.message}"))
+    main = results[0]
 
-    say("aligning the two graphs")
-    alignment = align(captured.calls, captured.parameters, graph)
-
-    say("running onnxruntime with intermediate tensors exposed")
-    try:
-        run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
-                               level=ort_level, provider=provider, config=settings.ort_config)
-    except capture_onnx.OnnxLoadError as exc:
-        return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
-
-    alignment = drop_misfits(alignment, captured.calls, run.values)
-    say("running each layer's ONNX segment on PyTorch's inputs (local error)")
-    local = capture_onnx.run_local(
-        graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
-        level=ort_level, provider=provider, config=settings.ort_config)
-
-    say("comparing")
-    layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
-                                 rtol=rtol, atol=atol, ignore=settings.ignore,
-                                 local_values=local.values)
-    outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs, rtol=rtol, atol=atol)
-    first = judge.first_divergence(layers, graph, alignment, captured.calls, run.failure)
+    layers = _worst_layers(results)
+    outputs = _worst_outputs(results)
+    first, first_case = _first_divergence(results)
     verdict, masked = judge.verdict(layers, outputs, first)
 
     facts = Facts(
-        input_mutated=captured.input_mutated,
-        training_modules=was_training,
+        input_mutated=any(r.input_mutated for r in results),
+        training_modules=main.training_modules,
         onnx_training_nodes=_training_nodes(graph),
-        mutated_outputs=tuple(c.label for c in captured.calls if c.mutated_later),
+        mutated_outputs=tuple(c.label for c in main.calls if c.mutated_later),
         onnx_input_shape=tuple(graph.inputs[0][2]) if graph.inputs else (),
         ort_optimisation_level=ort_level,
+        instrumentation_delta=runner.instrumentation_delta(main),
+        export_size=export_size,
     )
-    if verdict == "diverged" and ort_level != "disable" and run.failure is None:
+    if verdict == "diverged" and ort_level != "disable" and first_case is not None \
+            and first_case.failure is None:
         say("re-running with onnxruntime graph optimisations off")
-        facts = replace(facts, vanishes_without_ort_optimisation=_vanishes_unoptimised(
-            graph, feeds, alignment, captured, settings))
+        vanishes = runner.passes_unoptimised(first_case)
+        facts = replace(facts, vanishes_without_ort_optimisation=vanishes,
+                        ort_rewrite=runner.rewrite_of(first) if vanishes and first else "")
 
-    notes = list(source.notes) + list(loaded.notes)
-    if not captured.calls:
-        notes.append("No submodule outputs were captured (TorchScript modules take no forward "
-                     "hooks): only the final outputs are compared.")
-    if captured.input_mutated:
+    if facts.input_mutated:
         notes.append("The model changes its input tensor in place during forward; "
                      "layerdiff gave PyTorch and ONNX their own copies.")
+    if not main.calls:
+        notes.append("No submodule outputs were captured (TorchScript modules take no forward "
+                     "hooks): only the final outputs are compared.")
+    notes += [n for r in results for n in r.notes]
+
     diagnosis = Diagnosis(
         verdict=verdict,
         summary=judge.summarise(verdict, layers, outputs, first, masked, rtol, atol,
-                                len(alignment.unmatched_torch)),
+                                len(main.alignment.unmatched_torch)),
         model=loaded, onnx=source, settings=settings, versions=versions(graph),
         outputs=tuple(outputs), layers=tuple(layers), first_divergence=first, masked=masked,
-        alignment=alignment, calls=tuple(captured.calls), facts=facts, notes=tuple(notes),
+        alignment=main.alignment, calls=tuple(main.calls),
+        cases=tuple(r.summary() for r in results) + tuple(skipped) if len(results) + len(skipped) > 1 else (),
+        facts=facts, notes=tuple(dict.fromkeys(notes)),
     )
     return replace(diagnosis, suggestions=suggest(diagnosis))
 
 
 def make_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Uniform values in [0, 1], like an image, reproducible from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=generator, dtype=torch.float32)
+    return cases_.random_input(shape, seed)
 
 
 def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
@@ -160,6 +189,205 @@ def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
     return found
 
 
+# --------------------------------------------------------------------------- one input
+
+
+@dataclass
+class _Case:
+    label: str
+    kind: str
+    tensor: torch.Tensor
+    feeds: dict[str, np.ndarray]
+    calls: list[TorchCall]
+    activations: dict[int, np.ndarray]
+    alignment: Alignment
+    layers: list[LayerResult]
+    outputs: list[OutputResult]
+    first: FirstDivergence | None
+    failure: capture_onnx.RuntimeFailure | None
+    final_outputs: list[np.ndarray] | None
+    torch_outputs: list[np.ndarray]
+    input_mutated: bool
+    training_modules: tuple[str, ...]
+    notes: list[str]
+
+    def summary(self) -> CaseResult:
+        verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
+        worst = max((o.metrics.max_abs for o in self.outputs), default=None)
+        where = f"{self.first.module or self.first.onnx_node} ({self.first.kind})" if self.first else ""
+        return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst)
+
+
+class _CaseRunner:
+    """Runs one input through both models; holds what every input shares."""
+
+    def __init__(self, loaded: LoadedModel, graph: capture_onnx.OnnxGraph, settings: Settings,
+                 say: Progress) -> None:
+        self.loaded, self.graph, self.settings, self.say = loaded, graph, settings, say
+        self._model64: Any = None
+
+    def run(self, case: cases_.Case) -> _Case:
+        s, graph, module = self.settings, self.graph, self.loaded.module
+        feeds = _feeds(graph, case.tensor, self.loaded)
+        training = capture_torch.training_modules(module) if isinstance(module, torch.nn.Module) else ()
+        captured = capture_torch.capture(module, case.tensor)
+        alignment = align(captured.calls, captured.parameters, graph)
+        run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
+                               level=s.ort_level, provider=s.provider, config=s.ort_config)
+        alignment = drop_misfits(alignment, captured.calls, run.values)
+        local = capture_onnx.run_local(
+            graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
+            level=s.ort_level, provider=s.provider, config=s.ort_config)
+        notes: list[str] = []
+        noise, referee64 = self._referee(case, captured, notes)
+        layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
+                                     rtol=s.rtol, atol=s.atol, ignore=s.ignore,
+                                     local_values=local.values, noise=noise)
+        layers = [_with_referee(l, p, captured.activations, run.values, referee64)
+                  for l, p in zip(layers, alignment.pairs)]
+        outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs,
+                                       rtol=s.rtol, atol=s.atol)
+        first = judge.first_divergence(layers, graph, alignment, captured.calls, run.failure)
+        return _Case(case.label, case.kind, case.tensor, feeds, captured.calls, captured.activations,
+                     alignment, layers, outputs, first, run.failure, run.outputs,
+                     captured.outputs, captured.input_mutated, training, notes)
+
+    def _referee(self, case: cases_.Case, captured, notes: list[str]):
+        """Per call: PyTorch fp32's own error against float64, and the float64 values."""
+        if self.settings.reference != "float64" or not captured.calls:
+            return {}, {}
+        needed = 2 * sum(a.nbytes for a in captured.activations.values())
+        if needed > REFEREE_MEMORY_SHARE * _free_memory():
+            notes.append(f"float64 referee skipped: it needs about {needed / 2**30:.1f} GiB")
+            return {}, {}
+        try:
+            if self._model64 is None:
+                self._model64 = copy.deepcopy(self.loaded.module).double()
+            captured64 = capture_torch.capture(self._model64, case.tensor.double())
+        except (LayerdiffError, RuntimeError, TypeError) as exc:
+            notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
+            return {}, {}
+        same = [c.shape for c in captured64.calls] == [c.shape for c in captured.calls]
+        if not same:
+            notes.append("float64 referee skipped: the float64 run took another path")
+            return {}, {}
+        noise = {}
+        for index, value in captured.activations.items():
+            ref = captured64.activations.get(index)
+            if ref is not None and ref.shape == value.shape and np.issubdtype(value.dtype, np.floating):
+                diff = np.abs(value.astype(np.float64) - ref)
+                noise[index] = float(np.nanmax(diff)) if diff.size else 0.0
+        return noise, captured64.activations
+
+    def passes_unoptimised(self, case: _Case) -> bool | None:
+        s = self.settings
+        try:
+            run = capture_onnx.run(self.graph, case.feeds, [p.onnx_tensor for p in case.alignment.pairs],
+                                   level="disable", provider=s.provider, config=s.ort_config)
+            local = capture_onnx.run_local(
+                self.graph, case.feeds,
+                {p.onnx_tensor: case.activations[p.call] for p in case.alignment.pairs},
+                level="disable", provider=s.provider, config=s.ort_config)
+        except capture_onnx.OnnxLoadError:
+            return None
+        layers = judge.layer_results(case.alignment, case.calls, case.activations, run.values,
+                                     rtol=s.rtol, atol=s.atol, ignore=s.ignore,
+                                     local_values=local.values)
+        outputs = judge.output_results(case.torch_outputs, run.outputs, self.graph.outputs,
+                                       rtol=s.rtol, atol=s.atol)
+        return run.failure is None and judge.verdict(layers, outputs, None)[0] == "pass"
+
+    def rewrite_of(self, first: FirstDivergence) -> str:
+        s = self.settings
+        return capture_onnx.optimised_producer(self.graph, first.onnx_node, level=s.ort_level,
+                                               provider=s.provider, config=s.ort_config)
+
+    def instrumentation_delta(self, case: _Case) -> float | None:
+        """How much exposing intermediates changed the final output (fusions it prevented)."""
+        if case.final_outputs is None:
+            return None
+        s = self.settings
+        plain = capture_onnx.run_plain(self.graph, case.feeds, level=s.ort_level,
+                                       provider=s.provider, config=s.ort_config)
+        return max((float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+                    for a, b in zip(plain, case.final_outputs)), default=0.0)
+
+
+def _with_referee(layer: LayerResult, pair, torch32: dict, onnx_values: dict,
+                  torch64: dict) -> LayerResult:
+    ref = torch64.get(pair.call)
+    value = onnx_values.get(pair.onnx_tensor)
+    if ref is None or value is None or ref.shape != value.shape:
+        return layer
+    torch_error = float(np.max(np.abs(torch32[pair.call].astype(np.float64) - ref)))
+    onnx_error = float(np.max(np.abs(value.astype(np.float64) - ref)))
+    if onnx_error > 2 * torch_error + 1e-12 and not (layer.metrics and layer.metrics.passed):
+        side = "onnx"
+    elif torch_error > 2 * onnx_error + 1e-12 and not (layer.metrics and layer.metrics.passed):
+        side = "torch"
+    else:
+        side = "noise"
+    return replace(layer, referee=Referee(torch_error, onnx_error, side))
+
+
+# --------------------------------------------------------------------------- combining inputs
+
+_SEVERITY = {"fail": 3, "propagated": 2, "not_run": 1, "pass": 0, "ignored": 0}
+
+
+def _normalised_error(layer: LayerResult) -> float:
+    m = layer.metrics
+    return 0.0 if m is None else m.max_abs / max(m.scale, 1e-30)
+
+
+def _worst_layers(results: list[_Case]) -> list[LayerResult]:
+    """Each layer once, as it did on the input where it was worst."""
+    if len(results) == 1:
+        return results[0].layers
+    worst: dict[tuple[str, str], LayerResult] = {}
+    for case in results:
+        for layer in case.layers:
+            key = (layer.module, layer.onnx_tensor)
+            mine = (_SEVERITY.get(layer.status, 0), _normalised_error(layer))
+            held = worst.get(key)
+            if held is None or mine > (_SEVERITY.get(held.status, 0), _normalised_error(held)):
+                worst[key] = replace(layer, case=case.label)
+    return sorted(worst.values(), key=lambda l: l.order)
+
+
+def _worst_outputs(results: list[_Case]) -> list[OutputResult]:
+    by_name: dict[str, OutputResult] = {}
+    for case in results:
+        for out in case.outputs:
+            held = by_name.get(out.name)
+            if held is None or (not out.passed, out.metrics.max_abs) > (not held.passed, held.metrics.max_abs):
+                by_name[out.name] = out
+    return list(by_name.values())
+
+
+def _first_divergence(results: list[_Case]) -> tuple[FirstDivergence | None, _Case | None]:
+    """The earliest first divergence over all inputs (execution order), with its input."""
+    best: tuple[int, FirstDivergence, _Case] | None = None
+    for case in results:
+        if case.first is None:
+            continue
+        position = _position(case)
+        if best is None or position < best[0]:
+            best = (position, case.first, case)
+    if best is None:
+        return None, None
+    _, first, case = best
+    return (replace(first, case=case.label) if len(results) > 1 else first), case
+
+
+def _position(case: _Case) -> int:
+    first = case.first
+    layer = next((l for l in case.layers if l.module == first.module and l.status == "fail"), None)
+    if layer is not None:
+        return layer.order
+    return next((p.order for p in case.alignment.pairs if p.onnx_node == first.onnx_node), 10**9)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -173,6 +401,25 @@ def _load(model: Any, trust_pickle: bool) -> LoadedModel:
 
 def _stem(model: LoadedModel) -> str:
     return model.path.stem if model.path else model.architecture.lower()
+
+
+def _sizes(check_sizes, shape: tuple[int, ...], graph: capture_onnx.OnnxGraph):
+    """Other sizes to run at, and a note when the graph cannot take any."""
+    declared = graph.inputs[0][2] if graph.inputs else ()
+    fixed = len(declared) == 4 and all(isinstance(d, int) for d in declared[-2:])
+    if check_sizes is None:
+        if fixed:
+            return [], (f"the ONNX input is fixed at {tuple(declared)}: other sizes were not "
+                        "checked (export with dynamic height and width to use other sizes)")
+        return [cases_.default_check_size(*shape[-2:])], ""
+    return [tuple(s) for s in check_sizes], ""
+
+
+def _free_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 def _feeds(graph: capture_onnx.OnnxGraph, example: torch.Tensor, model: LoadedModel) -> dict:
@@ -213,24 +460,6 @@ def _training_nodes(graph: capture_onnx.OnnxGraph) -> tuple[str, ...]:
                  if (n.op_type == "BatchNormalization" and n.attrs.get("training_mode") == 1)
                  or (n.op_type == "Dropout" and len(n.inputs) > 2 and n.inputs[2]
                      and bool(np.any(graph.constants.get(n.inputs[2], np.array(True))))))
-
-
-def _vanishes_unoptimised(graph, feeds, alignment, captured, settings: Settings) -> bool | None:
-    try:
-        run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
-                               level="disable", provider=settings.provider,
-                               config=settings.ort_config)
-    except capture_onnx.OnnxLoadError:
-        return None
-    local = capture_onnx.run_local(
-        graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
-        level="disable", provider=settings.provider, config=settings.ort_config)
-    layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
-                                 rtol=settings.rtol, atol=settings.atol, ignore=settings.ignore,
-                                 local_values=local.values)
-    outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs,
-                                   rtol=settings.rtol, atol=settings.atol)
-    return run.failure is None and judge.verdict(layers, outputs, None)[0] == "pass"
 
 
 def _error_diagnosis(model: LoadedModel, source: OnnxSource, settings: Settings,

@@ -138,6 +138,20 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Referee:
+    """Both fp32 sides measured against a float64 PyTorch run of the same input.
+
+    ``torch_error`` is PyTorch fp32's own rounding error (the layer's noise floor);
+    ``onnx_error`` the ONNX model's. ``side`` says which is off: "onnx", "torch", or
+    "noise" when both are within a few times that floor.
+    """
+
+    torch_error: float
+    onnx_error: float
+    side: str
+
+
+@dataclass(frozen=True)
 class LayerResult:
     module: str  # TorchCall.label
     module_type: str
@@ -153,6 +167,8 @@ class LayerResult:
     status: str = "pass"
     # The layer's own error: its ONNX segment run on the PyTorch values of its inputs.
     local: Metrics | None = None
+    referee: Referee | None = None
+    case: str = ""  # the input on which this layer was worst (several inputs or sizes)
 
     @property
     def passed(self) -> bool | None:
@@ -185,6 +201,7 @@ class FirstDivergence:
     module_type: str = ""
     torch_attrs: dict[str, Any] = field(default_factory=dict)
     downstream_of_ignored: tuple[str, ...] = ()
+    case: str = ""  # the input it shows on, when several were run
 
 
 @dataclass(frozen=True)
@@ -194,6 +211,19 @@ class Suggestion:
     detail: str
     fix: str
     layers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One input (a random tensor, a file, another size) and how the model did on it."""
+
+    label: str
+    shape: tuple[int, ...]
+    verdict: str  # "pass" | "diverged" | "skipped"
+    kind: str = "random"  # "random" | "file" | "size"
+    first_divergence: str = ""  # module or node, with the kind
+    max_output_error: float | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,6 +239,13 @@ class Facts:
     # None = not re-run; True = the divergence vanished; False = it stayed.
     vanishes_without_ort_optimisation: bool | None = None
     ort_optimisation_level: str = "all"
+    # The op onnxruntime's optimiser turned the first diverging node into, when the
+    # divergence depends on the optimisation level (e.g. "FastGelu").
+    ort_rewrite: str = ""
+    # Largest change of the final output caused by exposing intermediate tensors
+    # (None when not checked): exposing outputs can stop onnxruntime fusing nodes.
+    instrumentation_delta: float | None = None
+    export_size: tuple[int, int] | None = None  # H, W the file was exported at, when known
 
 
 @dataclass(frozen=True)
@@ -221,6 +258,10 @@ class Settings:
     provider: str = "CPUExecutionProvider"
     ort_level: str = "all"
     ort_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
+    reference: str = "float64"  # "float64" referee run, or "none"
+    samples: int = 1
+    inputs: tuple[str, ...] = ()
+    check_sizes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,6 +279,7 @@ class Diagnosis:
     suggestions: tuple[Suggestion, ...] = ()
     alignment: Alignment | None = None
     calls: tuple[TorchCall, ...] = ()
+    cases: tuple[CaseResult, ...] = ()
     facts: Facts = Facts()
     notes: tuple[str, ...] = ()
     error: str | None = None

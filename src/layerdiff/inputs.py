@@ -1,0 +1,101 @@
+"""The inputs a diagnosis runs on: random tensors, images, .npy files, other sizes.
+
+Each becomes a ``Case``: a labelled input tensor. Random inputs are uniform in [0, 1]
+and reproducible from their seed; images are converted to the model's channels and to
+[0, 1]; ``.npy`` files are taken as they are (a missing batch dimension is added).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str  # "random seed 0", "photo.png", "random 49x81"
+    tensor: torch.Tensor
+    kind: str  # "random" | "file" | "size"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.tensor.shape[-2:])  # type: ignore[return-value]
+
+
+def random_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Uniform values in [0, 1], like an image, reproducible from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=generator, dtype=torch.float32)
+
+
+def from_file(path: str | Path, channels: int) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"input file not found: {path}", hint="check the --input path")
+    if path.suffix.lower() == ".npy":
+        return _from_npy(path, channels)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _from_image(path, channels)
+    raise UsageError(f"cannot read {path.name} as an input",
+                     hint="give a PNG/JPEG/BMP/WebP/TIFF image or a .npy array")
+
+
+def _from_npy(path: Path, channels: int) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"cannot read {path.name}: {exc}", hint="save it with np.save") from None
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[1] != channels:
+        raise UsageError(f"{path.name} has shape {array.shape}; the model wants (N, {channels}, H, W)",
+                         hint="save an N,C,H,W (or C,H,W) float array")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _from_image(path: Path, channels: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"cannot read {path.name} as an image: {exc}",
+                         hint="check the file") from None
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
+    if mode is None:
+        raise UsageError(f"the model takes {channels} channels; images give 1, 3 or 4",
+                         hint="pass a .npy array with --input instead")
+    array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)[None]))
+
+
+def default_check_size(height: int, width: int) -> tuple[int, int]:
+    """An odd, non-square size near the main one: shapes frozen at export show there."""
+    def odd(x: float) -> int:
+        n = max(int(round(x)), 3)
+        return n if n % 2 else n + 1
+
+    return odd(height * 0.75), odd(width * 1.25)
+
+
+def cases(shape: tuple[int, ...], seed: int, *, samples: int = 1, files: tuple[str, ...] = (),
+          sizes: tuple[tuple[int, int], ...] = ()) -> list[Case]:
+    """The main random input first, then more random ones, files, and other sizes."""
+    found = [Case(f"random (seed {seed + i})", random_input(shape, seed + i), "random")
+             for i in range(max(samples, 1))]
+    found += [Case(Path(f).name, from_file(f, shape[1]), "file") for f in files]
+    for height, width in sizes:
+        if (height, width) != tuple(shape[-2:]):
+            found.append(Case(f"random {height}x{width}",
+                              random_input((shape[0], shape[1], height, width), seed), "size"))
+    return found
