@@ -38,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--input-shape", metavar="N,C,H,W", type=_shape,
                         help="input tensor shape (default: 1,<model channels>,64,64)")
     report.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    report.add_argument("--samples", type=int, default=1, metavar="N",
+                        help="run N random inputs (seeds SEED..SEED+N-1); each layer keeps its worst")
+    report.add_argument("--input", action="append", default=[], metavar="FILE", dest="inputs",
+                        help="also run this image (PNG/JPEG/...) or .npy tensor; repeatable")
+    report.add_argument("--check-sizes", nargs="+", metavar="H,W", type=_size,
+                        help="also run at these sizes (default: one odd, non-square size when the "
+                             "ONNX takes any size); 'none' for no other size")
+    report.add_argument("--reference", choices=("float64", "none"), default="float64",
+                        help="run PyTorch in float64 too, to measure each layer's fp32 noise "
+                             "floor and say which side is off (default: float64)")
     report.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
     report.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
     report.add_argument("--ignore-layer", action="append", default=[], metavar="PATTERN",
@@ -71,6 +81,18 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(dims) != 4 or min(dims) <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64 (N,C,H,W > 0)")
     return dims
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    if text.lower() == "none":
+        return None
+    try:
+        height, width = (int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 48,80") from None
+    if min(height, width) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 48,80")
+    return height, width
 
 
 def _config_entry(text: str) -> tuple[str, str]:
@@ -113,8 +135,11 @@ def _report(args: argparse.Namespace) -> int:
             print(f"layerdiff: {stage}...", file=sys.stderr)
 
     default_dir = Path("layerdiff_report")
+    sizes = None if args.check_sizes is None else tuple(s for s in args.check_sizes if s)
     diagnosis = diagnose(
         args.model, args.onnx, input_shape=args.input_shape, seed=args.seed,
+        samples=args.samples, inputs=tuple(args.inputs), check_sizes=sizes,
+        reference=args.reference,
         rtol=args.rtol, atol=args.atol, ignore=tuple(args.ignore_layer),
         exporter=args.exporter, opset=args.opset,
         output_dir=output.parent if output else default_dir,

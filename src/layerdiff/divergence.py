@@ -81,11 +81,13 @@ def _status(metrics: Metrics | None, local: Metrics | None, ignored: bool) -> st
 
 
 def output_results(torch_outputs: Sequence[np.ndarray], onnx_outputs: Sequence[np.ndarray] | None,
-                   names: Sequence[str], *, rtol: float, atol: float) -> list[OutputResult]:
+                   names: Sequence[str], *, rtol: float, atol: float,
+                   noise: Sequence[float] = ()) -> list[OutputResult]:
     if onnx_outputs is None:
         return []
-    return [OutputResult(name, compare(t, o, rtol=rtol, atol=atol))
-            for name, t, o in zip(names, torch_outputs, onnx_outputs)]
+    floors = list(noise) + [0.0] * (len(names) - len(noise))
+    return [OutputResult(name, compare(t, o, rtol=rtol, atol=atol, noise=floor))
+            for name, t, o, floor in zip(names, torch_outputs, onnx_outputs, floors)]
 
 
 def first_divergence(

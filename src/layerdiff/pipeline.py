@@ -239,45 +239,43 @@ class _CaseRunner:
             graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
             level=s.ort_level, provider=s.provider, config=s.ort_config)
         notes: list[str] = []
-        noise, referee64 = self._referee(case, captured, notes)
+        noise, referee64, output_noise = self._referee(case, captured, notes)
         layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
                                      rtol=s.rtol, atol=s.atol, ignore=s.ignore,
                                      local_values=local.values, noise=noise)
         layers = [_with_referee(l, p, captured.activations, run.values, referee64)
                   for l, p in zip(layers, alignment.pairs)]
         outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs,
-                                       rtol=s.rtol, atol=s.atol)
+                                       rtol=s.rtol, atol=s.atol, noise=output_noise)
         first = judge.first_divergence(layers, graph, alignment, captured.calls, run.failure)
         return _Case(case.label, case.kind, case.tensor, feeds, captured.calls, captured.activations,
                      alignment, layers, outputs, first, run.failure, run.outputs,
                      captured.outputs, captured.input_mutated, training, notes)
 
     def _referee(self, case: cases_.Case, captured, notes: list[str]):
-        """Per call: PyTorch fp32's own error against float64, and the float64 values."""
+        """PyTorch fp32's own error against float64 per call and per output, and the
+        float64 values; empty when the referee is off or cannot run."""
         if self.settings.reference != "float64" or not captured.calls:
-            return {}, {}
+            return {}, {}, []
         needed = 2 * sum(a.nbytes for a in captured.activations.values())
         if needed > REFEREE_MEMORY_SHARE * _free_memory():
             notes.append(f"float64 referee skipped: it needs about {needed / 2**30:.1f} GiB")
-            return {}, {}
+            return {}, {}, []
         try:
             if self._model64 is None:
                 self._model64 = copy.deepcopy(self.loaded.module).double()
             captured64 = capture_torch.capture(self._model64, case.tensor.double())
         except (LayerdiffError, RuntimeError, TypeError) as exc:
             notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
-            return {}, {}
+            return {}, {}, []
         same = [c.shape for c in captured64.calls] == [c.shape for c in captured.calls]
         if not same:
             notes.append("float64 referee skipped: the float64 run took another path")
-            return {}, {}
-        noise = {}
-        for index, value in captured.activations.items():
-            ref = captured64.activations.get(index)
-            if ref is not None and ref.shape == value.shape and np.issubdtype(value.dtype, np.floating):
-                diff = np.abs(value.astype(np.float64) - ref)
-                noise[index] = float(np.nanmax(diff)) if diff.size else 0.0
-        return noise, captured64.activations
+            return {}, {}, []
+        noise = {index: _max_diff(value, captured64.activations.get(index))
+                 for index, value in captured.activations.items()}
+        output_noise = [_max_diff(a, b) for a, b in zip(captured.outputs, captured64.outputs)]
+        return noise, captured64.activations, output_noise
 
     def passes_unoptimised(self, case: _Case) -> bool | None:
         s = self.settings
@@ -311,6 +309,13 @@ class _CaseRunner:
                                        provider=s.provider, config=s.ort_config)
         return max((float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
                     for a, b in zip(plain, case.final_outputs)), default=0.0)
+
+
+def _max_diff(fp32: np.ndarray, fp64: np.ndarray | None) -> float:
+    if fp64 is None or fp64.shape != fp32.shape or not fp32.size:
+        return 0.0
+    diff = np.abs(fp32.astype(np.float64) - fp64)
+    return float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0
 
 
 def _with_referee(layer: LayerResult, pair, torch32: dict, onnx_values: dict,
