@@ -401,6 +401,8 @@ def test_ort_gelu_approximation_fusion(tmp_path):
     assert d.facts.vanishes_without_ort_optimisation is True
     assert_fires(d, "ort_optimisation")  # and not gelu_approximation: the file is right
     assert "enable_gelu_approximation" in suggestion(d, "ort_optimisation").detail
+    assert d.facts.ort_rewrite.startswith("FastGelu")  # the fusion that did it, by name
+    assert "FastGelu" in suggestion(d, "ort_optimisation").detail
 
     plain = diagnose(model, input_shape=(1, 3, 16, 16), exporter="legacy",
                      output_dir=tmp_path / "plain", ort_level="all")

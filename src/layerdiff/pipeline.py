@@ -141,6 +141,11 @@ def diagnose(
         facts = replace(facts, vanishes_without_ort_optimisation=vanishes,
                         ort_rewrite=runner.rewrite_of(first) if vanishes and first else "")
 
+    if facts.instrumentation_delta:
+        notes.append(f"Exposing intermediate tensors changed the final output by up to "
+                     f"{facts.instrumentation_delta:.3g} (onnxruntime fuses fewer nodes when their "
+                     "outputs are exposed); the layer figures come from the instrumented run, "
+                     "the verdict on outputs too.")
     if facts.input_mutated:
         notes.append("The model changes its input tensor in place during forward; "
                      "layerdiff gave PyTorch and ONNX their own copies.")

@@ -22,6 +22,9 @@ def check(d: Diagnosis) -> Suggestion | None:
               + (f" and session config {config}" if config else "")
               + " and vanishes with every optimisation off (ORT_DISABLE_ALL): the exported "
                 "graph is right, a runtime rewrite of it changes the numbers.")
+    if d.facts.ort_rewrite and d.first_divergence is not None:
+        detail += (f" onnxruntime replaced what computes '{d.first_divergence.onnx_node}' with "
+                   f"{d.facts.ort_rewrite}.")
     if any("gelu_approximation" in k for k, v in d.settings.ort_config if v not in ("0", "")):
         detail += " optimization.enable_gelu_approximation swaps exact GELU for its tanh form."
     return Suggestion(
