@@ -125,3 +125,14 @@ def test_entry_point_prints_no_traceback_in_a_fresh_process(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: model file not found")
     assert "Traceback" not in result.stderr
+
+
+def test_align_prints_the_pairing_table_and_coverage(capsys):
+    code = main(["align", str(SAMPLES / "esrgan_x2.pth"), "--onnx",
+                 str(SAMPLES / "esrgan_x2_nameless_slope.onnx"), "--input-shape", "1,3,32,32"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "model.0" in out and "weights" in out and "structure" in out
+    assert "module names in the file: no" in out
+    coverage = out.strip().splitlines()[-1]
+    assert coverage.startswith("40 module calls: 98% paired")

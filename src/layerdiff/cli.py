@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnxruntime execution provider (default: CPUExecutionProvider)")
     report.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
     report.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and exporter output")
+    explain = sub.add_parser(
+        "align", help="print how PyTorch modules pair with ONNX tensors",
+        description="Print the pairing table: which ONNX tensor each module call was paired "
+                    "with, how (scope names, weights, structure, fused), and why the rest were not.",
+    )
+    explain.add_argument("model", metavar="MODEL")
+    explain.add_argument("--onnx", metavar="FILE", required=True)
+    explain.add_argument("--input-shape", metavar="N,C,H,W", type=_shape)
+    explain.add_argument("--trust-pickle", action="store_true")
+    explain.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         warnings.filterwarnings("ignore")
     try:
-        return _report(args)
+        return _align(args) if args.command == "align" else _report(args)
     except LayerdiffError as exc:
         if args.verbose:
             raise
@@ -118,6 +128,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _align(args: argparse.Namespace) -> int:
+    from .pipeline import explain_alignment
+
+    calls, alignment = explain_alignment(args.model, args.onnx, input_shape=args.input_shape,
+                                         trust_pickle=args.trust_pickle)
+    rows = [("module", "type", "method", "ONNX node", "op", "tensor")]
+    rows += [(calls[p.call].label, calls[p.call].module_type, p.method, p.onnx_node, p.op_type,
+              p.onnx_tensor) for p in alignment.pairs]
+    widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell[:48].ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if alignment.unmatched_torch:
+        print("\nnot paired:")
+        for u in alignment.unmatched_torch:
+            print(f"  {u.name}: {u.reason}")
+    if alignment.unmatched_onnx:
+        print("\nONNX weight nodes without a module:")
+        for u in alignment.unmatched_onnx:
+            print(f"  {u.name}: {u.reason}")
+    c = alignment.coverage()
+    methods = ", ".join(f"{k} {v}" for k, v in c["by_method"].items())
+    print(f"\n{c['modules']} module calls: {c['compared']:.0%} paired ({methods}), "
+          f"{c['fused']:.0%} fused, {c['unmatched']:.0%} not paired; "
+          f"module names in the file: {'yes' if alignment.has_scopes else 'no'}")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -167,6 +167,18 @@ def diagnose(
     return replace(diagnosis, suggestions=suggest(diagnosis))
 
 
+def explain_alignment(
+    model: str | Path | torch.nn.Module | LoadedModel, onnx: str | Path, *,
+    input_shape: tuple[int, ...] | None = None, seed: int = 0, trust_pickle: bool = False,
+) -> tuple[list[TorchCall], Alignment]:
+    """Only the pairing of module calls with ONNX tensors, for ``layerdiff align``."""
+    loaded = _load(model, trust_pickle)
+    shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
+    graph = capture_onnx.load_graph(describe_onnx(onnx).path)
+    captured = capture_torch.capture(loaded.module, cases_.random_input(shape, seed))
+    return captured.calls, align(captured.calls, captured.parameters, graph)
+
+
 def make_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Uniform values in [0, 1], like an image, reproducible from ``seed``."""
     return cases_.random_input(shape, seed)

@@ -113,6 +113,17 @@ class Alignment:
     unmatched_onnx: tuple[Unmatched, ...]
     has_scopes: bool  # the ONNX file kept module names
 
+    def coverage(self) -> dict[str, float | int]:
+        """How much of the PyTorch model was compared: shares of module calls that
+        produce a tensor of their own (aliases share one and are not counted)."""
+        fused = sum(1 for u in self.unmatched_torch if u.reason.startswith("fused into"))
+        total = len(self.pairs) + len(self.unmatched_torch)
+        share = (lambda n: n / total) if total else (lambda n: 0.0)
+        return {"modules": total, "compared": share(len(self.pairs)), "fused": share(fused),
+                "unmatched": share(len(self.unmatched_torch) - fused),
+                "by_method": {m: sum(1 for p in self.pairs if p.method == m)
+                              for m in sorted({p.method for p in self.pairs})}}
+
 
 # --------------------------------------------------------------------------- comparison
 
