@@ -31,7 +31,8 @@ import numpy as np
 from .capture_onnx import OnnxGraph, OnnxNode
 from .records import Alignment, Pair, TorchCall, Unmatched
 
-WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# onnxruntime's saved optimised models hold its own fused ops (com.microsoft domain).
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
 # Ops whose second input is a module's 1-D weight (a norm's scale, PReLU's slope).
 SCALED_OPS = {"LayerNormalization", "BatchNormalization", "InstanceNormalization",
               "GroupNormalization", "PRelu"}
@@ -118,7 +119,9 @@ def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
     if has_scopes:
         _match_by_scope(state, scopes)
     _match_by_weights(state, parameters)
+    _check_weights(state, parameters)
     _pair_folded_batchnorm(state, parameters)
+    _pair_fused_activations(state)
     while _follow_data_flow(state):
         pass
 
@@ -359,6 +362,70 @@ def _channel_similarity(a: np.ndarray, b: np.ndarray) -> float:
 FOLDED = 0.999  # per-channel similarity of a conv weight with BatchNorm folded into it
 
 
+def _channel_scales(torch_weight: np.ndarray, onnx_weight: np.ndarray) -> np.ndarray:
+    """Per output channel, the factor that best maps the module's weight onto the file's."""
+    a = torch_weight.reshape(torch_weight.shape[0], -1).astype(np.float64)
+    b = onnx_weight.reshape(onnx_weight.shape[0], -1).astype(np.float64)
+    norms = (a * a).sum(axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
+
+
+def _check_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
+    """Unpair a weighted module whose node's weight is its own times one factor.
+
+    Optimisers (onnxruntime's ConvMulFusion, onnxsim) fold a following ``* 0.2`` into the
+    Conv: the node then computes a later value, and the module's own output exists
+    nowhere in the file. Comparing them would show a divergence that is not there.
+    """
+    graph = state.graph
+    for call_index, pair in list(state.pairs.items()):
+        if pair.op_type not in WEIGHTED_OPS:
+            continue
+        node = graph.node_of(pair.onnx_tensor)
+        weight = parameters.get(call_index, {}).get("weight")
+        onnx_weight = graph.constants.get(node.inputs[1]) if node and len(node.inputs) > 1 else None
+        if weight is None or onnx_weight is None or onnx_weight.shape != weight.shape:
+            continue
+        if np.array_equal(onnx_weight, weight):
+            continue
+        scales = _channel_scales(weight, onnx_weight)
+        factor = float(np.median(scales))
+        uniform = np.allclose(scales, factor, rtol=1e-3) and abs(factor - 1) > 1e-2
+        if uniform and _channel_similarity(weight, onnx_weight) > FOLDED:
+            _unpair(state, call_index)
+            state.why_not[call_index] = (
+                f"its weights in '{node.name}' are its own times {factor:.3g}: a following "
+                "multiplication was folded into it, so its own output is not in the file")
+
+
+def _unpair(state: _State, call_index: int) -> None:
+    pair = state.pairs.pop(call_index)
+    state.claimed.pop(pair.onnx_tensor, None)
+    state.complete.discard(call_index)
+    state.instance.pop(call_index, None)
+
+
+def _pair_fused_activations(state: _State) -> None:
+    """onnxruntime's FusedConv / FusedGemm apply an activation: their output is the
+    activation module's, and the Conv or Linear before it is fused into them."""
+    graph = state.graph
+    for call in state.calls:
+        if call.alias_of is not None or call.index in state.pairs or call.module_type not in MODULE_OPS:
+            continue
+        producers = {state.real(p) for p in call.producers}
+        layer = producers.pop() if len(producers) == 1 else None
+        pair = state.pairs.get(layer) if layer is not None else None
+        if pair is None or pair.op_type not in ("FusedConv", "FusedGemm"):
+            continue
+        node = graph.node_of(pair.onnx_tensor)
+        if not node.attrs.get("activation"):
+            continue
+        nodes = state.instance.get(layer, set())
+        _unpair(state, layer)
+        if state.add(call.index, pair.onnx_tensor, "fused", nodes):
+            state.why_not[layer] = f"fused into ONNX node '{node.name}' with {call.label}"
+
+
 def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
     """Conv + BatchNorm exported as one Conv: the tensor belongs to the BatchNorm.
 
@@ -384,10 +451,9 @@ def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.nda
                 or np.array_equal(onnx_weight, torch_weight)
                 or _channel_similarity(torch_weight, onnx_weight) < FOLDED):
             continue
-        del state.pairs[conv]
-        del state.claimed[pair.onnx_tensor]
-        state.complete.discard(conv)
-        if state.add(call.index, pair.onnx_tensor, "fused", state.instance.pop(conv)):
+        nodes = state.instance.get(conv, set())
+        _unpair(state, conv)
+        if state.add(call.index, pair.onnx_tensor, "fused", nodes):
             state.why_not[conv] = f"fused into ONNX node '{node.name}' with {state.calls[call.index].label}"
 
 
