@@ -48,8 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reference", choices=("float64", "none"), default="float64",
                         help="run PyTorch in float64 too, to measure each layer's fp32 noise "
                              "floor and say which side is off (default: float64)")
-    report.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
-    report.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    report.add_argument("--rtol", type=float, help="relative tolerance (default 1e-3; fp16: 1e-2)")
+    report.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5; fp16: 1e-3)")
+    report.add_argument("--fp16", action="store_true",
+                        help="compare the fp32 PyTorch model with a float16 ONNX: the --onnx file "
+                             "(converted if it is fp32) or one layerdiff makes")
+    report.add_argument("--fp16-method", choices=("convert", "half"), default="convert",
+                        help="how to make the float16 model: onnxconverter-common conversion "
+                             "(as neosr) or model.half() then export (as chaiNNer); default convert")
+    report.add_argument("--fix-fp16", metavar="OUT.onnx",
+                        help="write a mixed-precision ONNX keeping the layers that need float32, "
+                             "and check it")
     report.add_argument("--ignore-layer", action="append", default=[], metavar="PATTERN",
                         help="glob over module paths and ONNX node names, or op:TYPE "
                              "(e.g. 'body.*.upconv', 'op:Resize'); repeatable")
@@ -176,7 +185,8 @@ def _report(args: argparse.Namespace) -> int:
     diagnosis = diagnose(
         args.model, args.onnx, input_shape=args.input_shape, seed=args.seed,
         samples=args.samples, inputs=tuple(args.inputs), check_sizes=sizes,
-        reference=args.reference,
+        reference=args.reference, fp16=args.fp16 or bool(args.fix_fp16),
+        fp16_method=args.fp16_method, fix_fp16=args.fix_fp16,
         rtol=args.rtol, atol=args.atol, ignore=tuple(args.ignore_layer),
         exporter=args.exporter, opset=args.opset,
         output_dir=output.parent if output else default_dir,

@@ -48,8 +48,11 @@ def diagnose(
     inputs: tuple[str, ...] | list[str] = (),
     check_sizes: tuple[tuple[int, int], ...] | list[tuple[int, int]] | None = None,
     reference: str = "float64",
-    rtol: float = 1e-3,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
+    fp16: bool = False,
+    fp16_method: str = "convert",
+    fix_fp16: str | Path | None = None,
     ignore: tuple[str, ...] | list[str] = (),
     exporter: str = "dynamo",
     opset: int | None = None,
@@ -67,9 +70,15 @@ def diagnose(
     runs on ``samples`` random inputs, the ``inputs`` files, and at ``check_sizes``
     (None: one odd, non-square size besides the main one, when the graph takes any
     size; () for none). ``reference="float64"`` also runs PyTorch in float64 to measure
-    each layer's fp32 noise floor and say which side is off. Raises LayerdiffError for
-    input the user must fix.
+    each layer's fp32 noise floor and say which side is off. ``fp16`` compares against
+    a float16 ONNX (the given file, converted when it is fp32, or one made with
+    ``fp16_method``: "convert" with onnxconverter-common, "half" as model.half() then
+    export); ``fix_fp16`` writes a mixed-precision file keeping the layers that need
+    fp32 and checks it. Tolerances default to 1e-3 / 1e-5 (fp16: 1e-2 / 1e-3). Raises
+    LayerdiffError for input the user must fix.
     """
+    rtol = rtol if rtol is not None else (1e-2 if fp16 else 1e-3)
+    atol = atol if atol is not None else (1e-3 if fp16 else 1e-5)
     say = progress or (lambda _msg: None)
     if ort_level not in capture_onnx.LEVELS:
         raise UsageError(f"unknown onnxruntime optimisation level '{ort_level}'",
@@ -82,15 +91,18 @@ def diagnose(
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     main_input = cases_.random_input(shape, seed)
 
+    out = Path(output_dir) / f"{_stem(loaded)}.onnx"
     if onnx is None:
         say(f"exporting with the {exporter} exporter")
-        out = Path(output_dir) / f"{_stem(loaded)}.onnx"
         out.parent.mkdir(parents=True, exist_ok=True)
         source = export_onnx(loaded, main_input, out, exporter=exporter, opset=opset)
         export_size = tuple(shape[-2:])
     else:
         source = describe_onnx(onnx)
         export_size = None
+    fp32_path = None
+    if fp16:
+        source, fp32_path = _as_fp16(source, loaded, main_input, out, fp16_method, say)
     graph = capture_onnx.load_graph(source.path)
     notes = list(source.notes) + list(loaded.notes)
 
@@ -100,7 +112,7 @@ def diagnose(
     settings = Settings(rtol=rtol, atol=atol, input_shape=shape, seed=seed, ignore=tuple(ignore),
                         provider=provider, ort_level=ort_level,
                         ort_config=tuple((ort_config or {}).items()), reference=reference,
-                        samples=samples, inputs=tuple(str(i) for i in inputs),
+                        samples=samples, fp16=fp16, inputs=tuple(str(i) for i in inputs),
                         check_sizes=tuple(sizes))
     runner = _CaseRunner(loaded, graph, settings, say)
     results: list[_Case] = []
@@ -141,6 +153,10 @@ def diagnose(
         facts = replace(facts, vanishes_without_ort_optimisation=vanishes,
                         ort_rewrite=runner.rewrite_of(first) if vanishes and first else "")
 
+    if fp16 or _is_fp16(graph):
+        facts, fp16_notes = _fp16_facts(facts, main, graph, fp32_path, fix_fp16, loaded,
+                                        main_input, out, settings, say)
+        notes += fp16_notes
     if facts.instrumentation_delta:
         notes.append(f"Exposing intermediate tensors changed the final output by up to "
                      f"{facts.instrumentation_delta:.3g} (onnxruntime fuses fewer nodes when their "
@@ -482,6 +498,54 @@ def _training_nodes(graph: capture_onnx.OnnxGraph) -> tuple[str, ...]:
                  if (n.op_type == "BatchNormalization" and n.attrs.get("training_mode") == 1)
                  or (n.op_type == "Dropout" and len(n.inputs) > 2 and n.inputs[2]
                      and bool(np.any(graph.constants.get(n.inputs[2], np.array(True))))))
+
+
+def _is_fp16(graph: capture_onnx.OnnxGraph) -> bool:
+    from . import fp16 as half
+
+    return half.is_fp16(graph.model)
+
+
+def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: torch.Tensor, out: Path,
+             method: str, say: Progress) -> tuple[OnnxSource, Path | None]:
+    """The float16 file to diagnose, and the float32 one it came from (if any)."""
+    from . import fp16 as half
+
+    if half.is_fp16(source.path):
+        return source, None
+    say(f"making a float16 model ({method})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path, how = half.make_fp16_onnx(loaded, example, source.path,
+                                    out.with_name(out.stem + "_fp16.onnx"), method)
+    return replace(source, path=path, notes=source.notes + (f"float16 model: {how}",)), source.path
+
+
+def _fp16_facts(facts: Facts, main: _Case, graph, fp32_path: Path | None, fix_path,
+                loaded: LoadedModel, example: torch.Tensor, out: Path, settings: Settings,
+                say: Progress) -> tuple[Facts, list[str]]:
+    from . import fp16 as half
+
+    notes = []
+    note = half.provider_note(graph.model, settings.provider)
+    if note:
+        notes.append(note)
+    findings = half.analyse(main.calls, main.activations, main.layers, fp32_path or graph)
+    fix = None
+    if fix_path is not None:
+        if not findings.keep:
+            notes.append("--fix-fp16: no layer needs float32, so no mixed-precision file was written")
+        else:
+            if fp32_path is None:
+                say("exporting a float32 model to build the mixed-precision one from")
+                fp32_path = export_onnx(loaded, example, out, exporter="legacy").path
+            say("writing and checking the mixed-precision model")
+            mixed = half.keep_in_fp32(fp32_path, findings.node_names, fix_path)
+            check = diagnose(loaded, mixed, input_shape=settings.input_shape, seed=settings.seed,
+                             rtol=settings.rtol, atol=settings.atol, check_sizes=(),
+                             reference="none", ort_level=settings.ort_level,
+                             ort_config=dict(settings.ort_config), provider=settings.provider)
+            fix = (str(mixed), check.verdict)
+    return replace(facts, fp16=findings, fp16_fix=fix), notes
 
 
 def _error_diagnosis(model: LoadedModel, source: OnnxSource, settings: Settings,

@@ -257,6 +257,8 @@ class Facts:
     # (None when not checked): exposing outputs can stop onnxruntime fusing nodes.
     instrumentation_delta: float | None = None
     export_size: tuple[int, int] | None = None  # H, W the file was exported at, when known
+    fp16: Any = None  # fp16.Fp16Findings when the ONNX file is float16
+    fp16_fix: tuple[str, str] | None = None  # (mixed-precision file written, its verdict)
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,7 @@ class Settings:
     ort_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
     reference: str = "float64"  # "float64" referee run, or "none"
     samples: int = 1
+    fp16: bool = False
     inputs: tuple[str, ...] = ()
     check_sizes: tuple[tuple[int, int], ...] = ()
 
