@@ -27,18 +27,24 @@
   var rows = Array.prototype.slice.call(tbody.rows);
   var search = rows.map(function (r) { return r.textContent.toLowerCase(); });
   var filterBox = document.getElementById("layer-filter");
-  var failingBox = document.getElementById("layer-failing");
+  var failBox = document.getElementById("layer-fail");
+  var carriedBox = document.getElementById("layer-propagated");
   var countEl = document.getElementById("layer-count");
 
   /* ------------------------------------------------------------ filter */
+  /* "show only": none ticked shows every row; otherwise the rows of the ticked kinds:
+     failing on their own (and not run), propagated (only carrying upstream error). */
   function applyFilter() {
     var q = filterBox.value.trim().toLowerCase();
     var terms = q ? q.split(/\s+/) : [];
-    var onlyBad = failingBox.checked;
+    var wantFail = failBox.checked, wantCarried = carriedBox.checked, any = wantFail || wantCarried;
     var shown = 0;
     for (var i = 0; i < rows.length; i++) {
-      var r = rows[i], ok = true;
-      if (onlyBad && !(r.classList.contains("s-fail") || r.classList.contains("s-not_run"))) ok = false;
+      var r = rows[i], ok = true, cl = r.classList;
+      if (any) {
+        ok = (wantFail && (cl.contains("s-fail") || cl.contains("s-not_run"))) ||
+             (wantCarried && cl.contains("s-propagated"));
+      }
       for (var k = 0; ok && k < terms.length; k++) if (search[i].indexOf(terms[k]) < 0) ok = false;
       r.hidden = !ok;
       if (ok) shown++;
@@ -46,7 +52,8 @@
     countEl.textContent = (shown === rows.length) ? rows.length + " rows" : shown + " of " + rows.length + " rows";
   }
   filterBox.addEventListener("input", applyFilter);
-  failingBox.addEventListener("change", applyFilter);
+  failBox.addEventListener("change", applyFilter);
+  carriedBox.addEventListener("change", applyFilter);
   applyFilter();
 
   /* ------------------------------------------------------------ sort */
@@ -90,7 +97,7 @@
     if (id.indexOf("layer-") !== 0) return;
     var row = document.getElementById(id);
     if (row && row.hidden) {
-      filterBox.value = ""; failingBox.checked = false; applyFilter();
+      filterBox.value = ""; failBox.checked = false; carriedBox.checked = false; applyFilter();
       row.scrollIntoView({ block: "center" });
     }
   }
@@ -104,6 +111,22 @@
   var hover = document.getElementById("chart-hover");
   var L = parseFloat(svg.getAttribute("data-l")), step = parseFloat(svg.getAttribute("data-step"));
   var n = parseInt(svg.getAttribute("data-n"), 10);
+  var col = {};
+  Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, k) {
+    var name = th.getAttribute("data-col");
+    if (name) col[name] = k;
+  });
+  /* a cell's own text, without the badges and notes inside it ("first", the method) */
+  function text(cells, name) {
+    var k = col[name], out = "";
+    if (k === undefined || !cells[k]) return "";
+    if (name === "status") return cells[k].textContent.trim();
+    for (var node = cells[k].firstChild; node; node = node.nextSibling) {
+      if (node.nodeType === 3) out += node.data;
+      else if (node.nodeType === 1 && !node.classList.contains("method") && !node.classList.contains("pill")) out += node.textContent;
+    }
+    return out.trim();
+  }
   var byIndex = {};
   rows.forEach(function (r) { byIndex[r.id] = r; });
   function indexAt(evt) {
@@ -121,11 +144,15 @@
     if (!r) { tip.hidden = true; hover.setAttribute("visibility", "hidden"); return; }
     var x = L + (i + 0.5) * step;
     hover.setAttribute("x1", x); hover.setAttribute("x2", x); hover.setAttribute("visibility", "visible");
-    var c = r.cells, norm = r.getAttribute("data-norm");
-    var normTxt = norm === "" ? "–" : (parseFloat(norm) >= 1e308 ? "non-finite" : parseFloat(norm).toExponential(2));
-    tip.innerHTML = "<b>#" + i + "</b> <span class='mono'>" + esc(c[1].textContent.trim()) + "</span><br>" +
-      esc(c[2].textContent) + " → " + esc(c[4].textContent) + " <span class='mono'>" + esc(c[3].textContent) + "</span><br>" +
-      "max abs " + esc(c[6].textContent) + " · normalised " + normTxt + " · " + esc(c[11].textContent);
+    var c = r.cells;
+    function fmtNorm(v) {
+      return v === null || v === "" ? "–" : (parseFloat(v) >= 1e308 ? "non-finite" : parseFloat(v).toExponential(2));
+    }
+    tip.innerHTML = "<b>#" + i + "</b> <span class='mono'>" + esc(text(c, "module")) + "</span><br>" +
+      esc(text(c, "type")) + " → " + esc(text(c, "op")) + " <span class='mono'>" + esc(text(c, "node")) + "</span><br>" +
+      "total max abs " + esc(text(c, "max_abs")) + " (" + fmtNorm(r.getAttribute("data-norm")) + " of range)<br>" +
+      "own max abs " + esc(text(c, "local_max_abs")) + " (" + fmtNorm(r.getAttribute("data-lnorm")) + " of range)<br>" +
+      "status: " + esc(text(c, "status"));
     tip.hidden = false;
     var wrap = svg.parentNode.getBoundingClientRect();
     var left = evt.clientX - wrap.left + svg.parentNode.scrollLeft + 14;

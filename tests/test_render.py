@@ -116,6 +116,7 @@ def make_pass() -> Diagnosis:
     for i, (m, t, node, op) in enumerate(spec):
         ignored = m.endswith("dropout")
         err = float(rng.uniform(1, 9)) * 10.0 ** -(7 - i / 10)
+        scale = float(rng.uniform(0.5, 5))
         layers.append(
             LayerResult(
                 module=m,
@@ -125,9 +126,11 @@ def make_pass() -> Diagnosis:
                 op_type=op,
                 order=i * 2,
                 method="scope",
-                metrics=metrics(err, scale=float(rng.uniform(0.5, 5))),
+                metrics=metrics(err, scale=scale),
                 ignored=ignored,
                 status="ignored" if ignored else "pass",
+                # own error: exactly 0 for elementwise ops, rounding noise for convolutions
+                local=metrics(0.0 if op != "Conv" else err / 3, scale=scale),
             )
         )
     calls = _calls(spec)
@@ -160,30 +163,34 @@ def make_diverged(*, masked: bool = False) -> Diagnosis:
     for i, (m, t, node, op) in enumerate(spec):
         scale = float(rng.uniform(0.5, 6))
         ignored = m.endswith("dropout")
+        own = metrics(0.0 if op != "Conv" else float(rng.uniform(1, 9)) * 3e-8 * scale, scale)
         if i < fd_at:
             mt = metrics(float(rng.uniform(1, 9)) * 1e-7 * scale, scale)
             status = "ignored" if ignored else "pass"
         elif i == fd_at:
+            # the cause: its own segment fails, on exact inputs
             mt = metrics(0.0417, scale, passed=False, cosine=0.999213, outlier_share=0.184)
+            own = metrics(0.0417, scale, passed=False, cosine=0.999213, outlier_share=0.184)
             status = "fail"
         else:
+            # only carries the error from upstream: its own segment passes
             mt = metrics(float(rng.uniform(1, 9)) * 1e-2 * scale, scale, passed=False)
-            status = "fail"
+            status = "propagated"
         if ignored and i < fd_at:
             mt = metrics(2e-3 * scale, scale, passed=False)  # ignored even though it fails
+            own = mt
         layers.append(
             LayerResult(m, t, node.replace("/", "_").strip("_") + "_output_0", node, op, i * 2,
-                        "scope" if i % 7 else "weights", mt, ignored=ignored, status=status)
+                        "scope" if i % 7 else "weights", mt, ignored=ignored, status=status,
+                        local=own)
         )
     # a tensor onnxruntime fused away: no metrics
     k = fd_at + 2
-    layers[k] = dataclasses.replace(layers[k], metrics=None, status="not_run")
-    # NaN in the ONNX tensor of the last conv
-    layers[-1] = dataclasses.replace(
-        layers[-1],
-        metrics=metrics(math.nan, 1.7, passed=False, max_rel=math.inf, cosine=math.nan, nan_onnx=12,
-                        reason="12 NaN values in the ONNX tensor"),
-    )
+    layers[k] = dataclasses.replace(layers[k], metrics=None, local=None, status="not_run")
+    # NaN in the ONNX tensor of the last conv, made by that conv itself: a second cause
+    nan = metrics(math.nan, 1.7, passed=False, max_rel=math.inf, cosine=math.nan, nan_onnx=12,
+                  reason="12 NaN values in the ONNX tensor")
+    layers[-1] = dataclasses.replace(layers[-1], metrics=nan, local=nan, status="fail")
     calls = _calls(spec)
     fd = FirstDivergence(
         module="upsample",
@@ -252,7 +259,8 @@ def make_diverged(*, masked: bool = False) -> Diagnosis:
     )
     summary = (
         "The ONNX export diverges from PyTorch at upsample (Upsample → Resize): its output differs by "
-        "up to 0.0417 while every input to it matches."
+        "up to 0.0417 while every input to it matches. Of 30 compared layers, 2 fail on their own "
+        "and 2 only carry error from upstream."
     )
     return Diagnosis(
         verdict="diverged",
@@ -298,7 +306,7 @@ def make_runtime_error() -> Diagnosis:
     k = next(i for i, r in enumerate(d.layers) if r.module == "conv_up1")
     layers = list(d.layers)
     for i in range(k, len(layers)):
-        layers[i] = dataclasses.replace(layers[i], metrics=None, status="not_run")
+        layers[i] = dataclasses.replace(layers[i], metrics=None, local=None, status="not_run")
     fd = FirstDivergence(
         module="conv_up1",
         onnx_node="/conv_up1/Conv",
@@ -321,6 +329,37 @@ def make_runtime_error() -> Diagnosis:
     )
 
 
+def make_drift() -> Diagnosis:
+    """No layer fails on its own; the accumulated error creeps up until the later layers
+    and the output fail: ordinary fp32 drift."""
+    spec = _body(4)
+    tol = dataclasses.replace(SETTINGS, rtol=1e-6, atol=0.0)
+    layers = []
+    for i, (m, t, node, op) in enumerate(spec):
+        scale = 1.0 + (i % 3) * 0.5
+        err = 2e-7 * 1.25**i * scale  # grows steadily, no jump
+        passed = err / scale <= 1e-6
+        layers.append(
+            LayerResult(m, t, f"{node}_out", node, op, i, "scope",
+                        metrics(err, scale, passed=passed),
+                        status="pass" if passed else "propagated",
+                        local=metrics(0.0 if op != "Conv" else 6e-8 * scale, scale))
+        )
+    return Diagnosis(
+        verdict="diverged",
+        summary="The final output differs from PyTorch (max error 2.1e-4), but no layer's own "
+        "computation fails: the error grows slowly across 18 layers (ordinary float rounding drift, "
+        "no single jump).",
+        model=_model(),
+        onnx=_onnx(),
+        settings=tol,
+        versions=VERSIONS,
+        outputs=(OutputResult("output", metrics(2.1e-4, 1.0, passed=False, shape=(1, 3, 256, 256))),),
+        layers=tuple(layers),
+        calls=_calls(spec),
+    )
+
+
 def make_big(n: int = 5000) -> Diagnosis:
     d = make_diverged()
     base = d.layers
@@ -335,10 +374,11 @@ def make_big(n: int = 5000) -> Diagnosis:
 # ======================================================================= fixtures
 
 
-@pytest.fixture(params=["pass", "diverged", "masked", "error", "runtime_error"])
+@pytest.fixture(params=["pass", "diverged", "masked", "error", "runtime_error", "drift"])
 def any_diag(request) -> Diagnosis:
     return {
         "pass": make_pass,
+        "drift": make_drift,
         "diverged": make_diverged,
         "masked": lambda: make_diverged(masked=True),
         "error": make_error,
@@ -672,3 +712,232 @@ def test_notes_deduplicated():
     assert html.count(d.onnx.notes[0]) == 1
     text = render.console_summary(d, color=False)
     assert text.count(d.model.notes[0]) == 1
+
+
+# ======================================================================= own (local) vs total error
+
+
+def _section(html: str, start: str, end: str | None = None) -> str:
+    part = html.split(f'id="{start}"', 1)[1]
+    return part.split(f'id="{end}"', 1)[0] if end else part
+
+
+def _path(html: str, cls: str) -> str:
+    m = re.search(rf'<path class="{cls}"[^>]* d="([^"]*)"', html)
+    return m.group(1) if m else ""
+
+
+def test_json_local(any_diag: Diagnosis):
+    j = json.loads(json.dumps(render.to_json_dict(any_diag), allow_nan=False))
+    for row, lr in zip(j["layers"], any_diag.layers):
+        assert "local" in row
+        if lr.local is None:
+            assert row["local"] is None
+        else:
+            loc = row["local"]
+            assert {"max_abs", "mean_abs", "max_rel", "cosine", "scale", "outlier_share",
+                    "passed", "reason", "shape_torch", "shape_onnx"} <= set(loc)
+            assert loc["passed"] is bool(lr.local.passed)
+            if math.isfinite(lr.local.max_abs):
+                assert loc["max_abs"] == pytest.approx(lr.local.max_abs)
+            else:
+                assert loc["max_abs"] is None
+    counts = j["layer_counts"]
+    assert counts["compared"] == len(any_diag.layers)
+    assert counts["propagated"] == sum(1 for r in any_diag.layers if r.status == "propagated" and not r.ignored)
+    assert sum(v for k, v in counts.items() if k != "compared") == counts["compared"]
+
+
+def test_json_local_values(diverged: Diagnosis):
+    j = render.to_json_dict(diverged)
+    fd = j["layers"][j["first_divergence"]["layer_index"]]
+    assert fd["status"] == "fail" and fd["local"]["passed"] is False
+    assert fd["local"]["max_abs"] == pytest.approx(0.0417)
+    assert j["first_divergence"]["local_max_abs"] == pytest.approx(0.0417)
+    assert j["first_divergence"]["accumulated_max_abs"] == pytest.approx(0.0417)
+    carried = [r for r in j["layers"] if r["status"] == "propagated"]
+    assert carried and all(r["passed"] is False and r["local"]["passed"] is True for r in carried)
+    nan_row = j["layers"][-1]  # NaN in its own output: local metrics null, counts kept
+    assert nan_row["local"]["max_abs"] is None and nan_row["local"]["nan_onnx"] == 12
+    assert j["layer_counts"] == {"compared": 35, "pass": 26, "fail": 2, "propagated": 2,
+                                 "ignored": 4, "not_run": 1}
+
+
+def test_table_local_columns(diverged: Diagnosis):
+    html = render.render_html(diverged)
+    table = _section(html, "layer-table")
+    head = table.split("</thead>")[0]
+    assert "local max abs" in re.sub(r"<br>|\s+", " ", head) or "local max abs" in head
+    assert 'data-col="local_max_abs"' in head and "local outliers" in head
+    assert head.index('data-col="max_abs"') < head.index('data-col="local_max_abs"')
+    fd_i = next(i for i, r in enumerate(diverged.layers) if r.module == "upsample")
+    row = table.split(f'<tr id="layer-{fd_i}"')[1].split("</tr>")[0]
+    # the cause's own error is shown, in red, next to its total error
+    assert re.search(r'class="num local badtext" data-v="0\.0417">0\.0417<', row)
+    assert re.search(r'class="num local badtext" data-v="0\.184">18\.4%<', row)
+    # a layer without a local measurement shows a dash, sorts last
+    nr = next(i for i, r in enumerate(diverged.layers) if r.status == "not_run")
+    row = table.split(f'<tr id="layer-{nr}"')[1].split("</tr>")[0]
+    assert 'class="num local" data-v="">–<' in row
+
+
+def test_table_propagated_badge_and_filter(diverged: Diagnosis):
+    html = render.render_html(diverged)
+    table = _section(html, "layer-table")
+    carried = [i for i, r in enumerate(diverged.layers) if r.status == "propagated"]
+    assert carried
+    for i in carried:
+        row = table.split(f'<tr id="layer-{i}"')[1].split("</tr>")[0]
+        assert row.startswith(' class="s-propagated')
+        assert '<span class="pill p-propagated" title="its own segment passes' in row
+        assert ">propagated</span>" in row
+    assert table.count('class="pill p-propagated"') == len(carried)
+    cause = next(i for i, r in enumerate(diverged.layers) if r.module == "upsample")
+    row = table.split(f'<tr id="layer-{cause}"')[1].split("</tr>")[0]
+    assert 'class="pill p-fail" title="its own segment fails on PyTorch' in row
+    filters = _section(html, "layers", "layer-table")
+    assert 'id="layer-fail"' in filters and 'id="layer-propagated"' in filters
+    assert "fails on its own" in filters and "propagated" in filters
+    assert '<span class="pill p-propagated">2</span>' in filters
+    js = html.split("<script>")[1]
+    assert 's-propagated' in js and 'layer-propagated' in js and 'layer-failing' not in js
+
+
+def test_chart_two_series_and_legend(diverged: Diagnosis):
+    html = render.render_html(diverged)
+    chart = _section(html, "chart", "layers")
+    assert _path(chart, "trend") and _path(chart, "trend-local")
+    assert _path(chart, "ring-core")
+    legend = chart.split('id="chart-legend"')[1]
+    assert "total error" in legend and "accumulated" in legend
+    assert "own error" in legend and "local" in legend
+    assert "lg-local-line" in legend and "lg-acc-line" in legend
+    assert "propagated: only carries error from upstream" in legend
+    assert "fails on its own (cause)" in legend
+    # colours follow the status: the cause red, the carried amber, not red
+    n_fail = sum(1 for r in diverged.layers if r.status == "fail" and not r.ignored
+                 and r.metrics is not None and math.isfinite(r.metrics.max_abs))
+    n_carried = sum(1 for r in diverged.layers if r.status == "propagated")
+    assert _path(chart, "d-fail").count("M") == n_fail == 1
+    assert _path(chart, "d-propagated").count("M") == n_carried
+    assert _path(chart, "r-fail").count("M") == 1  # upsample fails locally...
+    assert _path(chart, "r-nonfinite").count("M") == 1  # ...and conv_last makes NaN itself
+    # one shaded column per cause
+    assert _path(chart, "cause-band").count("M") == 2
+    assert "The first layer that fails on its own is #" in chart
+
+
+def test_chart_zero_lane_and_line_skip():
+    d = make_pass()
+    html = render.render_html(d)
+    chart = _section(html, "chart", "layers")
+    assert 'class="zero-label">0<' in chart and "exactly zero" in chart
+    c = render._chart(d, None)
+    zeros = sum(1 for r in d.layers if r.local is not None and r.local.max_abs == 0 and not r.ignored)
+    # the dashed line passes over exact zeros instead of dropping to the lane
+    assert c["local_line"].count("L") + c["local_line"].count("M") == sum(
+        1 for r in d.layers if r.local is not None and not r.ignored) - zeros
+    lane = f"{c['zero_lane']:.1f}"
+    assert all(not seg.endswith(" " + lane) for seg in re.split(r"[ML]", c["local_line"]) if seg)
+
+
+def test_chart_without_local():
+    """Older diagnoses (no local measurement): one series, no dashed line, no own-error legend."""
+    d = make_diverged()
+    d = dataclasses.replace(d, layers=tuple(dataclasses.replace(r, local=None) for r in d.layers))
+    html = render.render_html(d)
+    chart = _section(html, "chart", "layers")
+    assert 'class="trend-local"' not in chart and 'class="ring-core"' not in chart
+    assert "own error</b>" not in chart
+    assert 'id="own-vs-total"' in html  # the card still shows the total, the own as "–"
+    assert "its own error (its ONNX segment run on PyTorch&#39;s inputs) is not available" in html
+    assert json.loads(render.to_json(d))["layers"][0]["local"] is None
+
+
+def test_chart_drift_reads_as_drift():
+    d = make_drift()
+    html = render.render_html(d)
+    head = html.split('id="outputs"')[0]
+    assert "Slow drift, no single cause" in head
+    assert "<b>0</b> fail on their own" in head
+    assert "<b>27</b> only carry error from upstream" in head
+    chart = _section(html, "chart", "layers")
+    assert "No layer fails on its own" in chart and "slow drift, no single jump" in chart
+    assert not _path(chart, "d-fail") and not _path(chart, "r-fail") and not _path(chart, "cause-band")
+    assert _path(chart, "d-propagated").count("M") == 27
+    assert 'class="fd-line"' not in chart
+    # an ignored layer failing on its own is a cause, not drift
+    layers = list(d.layers)
+    layers[3] = dataclasses.replace(layers[3], ignored=True, status="ignored",
+                                    local=dataclasses.replace(layers[3].local, passed=False))
+    html = render.render_html(dataclasses.replace(d, layers=tuple(layers)))
+    assert "Slow drift" not in html and "only ignored layers do (body.0.rdb.conv2)" in html
+
+
+def test_chart_similar_own_errors_hint():
+    """Many layers failing on their own by similar, tiny amounts: a too-tight tolerance,
+    not a fault; the chart says so."""
+    d = make_drift()
+    layers = [dataclasses.replace(r, status="fail", local=dataclasses.replace(r.local, max_abs=(1 + i % 3) * 1e-7,
+                                                                               passed=False))
+              if r.op_type == "Conv" else r for i, r in enumerate(d.layers)]
+    d = dataclasses.replace(d, layers=tuple(layers))
+    reading = " ".join(render._chart(d, None)["reading"])
+    assert "own errors are all of similar size" in reading
+    assert "own errors are all of similar size" not in " ".join(render._chart(make_diverged(), None)["reading"])
+
+
+def test_banner_and_card_own_vs_total(diverged: Diagnosis):
+    html = render.render_html(diverged)
+    head = html.split('id="first-divergence"')[0]
+    assert "<b>2</b> fail on their own" in head
+    assert "<b>2</b> only carry error from upstream" in head
+    assert "own error 0.0417" in head and "total error 0.0417" in head
+    assert "arriving from upstream" in head
+    card = _section(html, "first-divergence", "suggestions")
+    table = card.split('id="own-vs-total"')[1].split("</table>")[0]
+    assert "own error" in table and "total error" in table
+    assert table.count("0.0417") == 2 and table.count("18.4%") == 2
+    assert "Its own segment produces this error" in card
+    assert "After it, 2 layers only carry error from upstream" in card
+    # a cause whose inputs were already off: own error smaller than the total
+    d = dataclasses.replace(diverged, layers=tuple(
+        dataclasses.replace(r, local=dataclasses.replace(r.local, max_abs=0.004)) if r.module == "upsample" else r
+        for r in diverged.layers))
+    assert "more error arrives from upstream, for 0.0417 in total" in render.render_html(d)
+
+
+def test_singular_counts():
+    d = make_diverged()
+    layers = [dataclasses.replace(r, status="pass") if r.status == "propagated" and r.module != "conv_up1" else r
+              for r in d.layers]
+    layers[-1] = dataclasses.replace(layers[-1], status="pass")
+    d = dataclasses.replace(d, layers=tuple(layers))
+    html = render.render_html(d)
+    assert "<b>1</b> fails on its own" in html and "<b>1</b> only carries error from upstream" in html
+    text = render.console_summary(d, color=False)
+    assert "1 fails on its own, 1 only carries error from upstream" in text
+
+
+def test_console_counts(diverged: Diagnosis):
+    text = render.console_summary(diverged, color=False)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("layers:"))
+    assert line == ("  layers: 35 compared, 2 fail on their own, 2 only carry error from upstream, "
+                    "4 ignored, 1 not run")
+    assert "    own error 0.0417 (its segment on PyTorch's inputs), total 0.0417 at its output\n" in text
+    colored = render.console_summary(diverged, color=True)
+    assert "\x1b[31m2 fail on their own\x1b[0m" in colored and "\x1b[33m2 only carry" in colored
+    drift = render.console_summary(make_drift(), color=False)
+    assert "0 fail on their own, 27 only carry error from upstream" in drift
+    assert "layers:" not in render.console_summary(make_error(), color=False)
+
+
+def test_big_with_local_is_fast():
+    import time
+
+    d = make_big(5000)
+    t0 = time.perf_counter()
+    html = render.render_html(d)
+    assert time.perf_counter() - t0 < 10
+    assert len(html) < 6_000_000
+    assert html.count("<circle") <= 2 and html.count("<path") < 40

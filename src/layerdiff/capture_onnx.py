@@ -48,7 +48,7 @@ class OnnxNode:
 @dataclass
 class OnnxGraph:
     path: Path | None
-    model: onnx.ModelProto  # shape-inferred
+    model: onnx.ModelProto  # as given: what runs (shapes and dtypes below are inferred)
     nodes: list[OnnxNode]
     inputs: list[tuple[str, str, tuple]]  # (name, numpy dtype name, shape with str/None dims)
     outputs: list[str]
@@ -98,11 +98,14 @@ def load_graph(path: str | Path) -> OnnxGraph:
 def graph_from_model(model: onnx.ModelProto, path: Path | None = None) -> OnnxGraph:
     if not model.graph.node:
         raise OnnxLoadError(f"{path or 'the ONNX model'} has no nodes", hint="re-export it")
+    # Inferred shapes and types guide alignment only. The model that runs is the one
+    # given: inferred value_info written into it can contradict onnxruntime's own shape
+    # inference (stale sizes in traced graphs) and stop the model from loading.
     try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shapes are a convenience for alignment, not a requirement
-        pass
-    graph = gs.import_onnx(model)
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    graph = gs.import_onnx(inferred)
     graph.toposort()
     constants = {
         name: np.asarray(t.values)
@@ -256,8 +259,10 @@ def run_local(
         tensor = tensors.get(name)
         if tensor is None or isinstance(tensor, gs.Constant):
             continue
-        dtype = tensor.dtype if tensor.dtype is not None else value.dtype
-        cut = gs.Variable(f"{name}__layerdiff_reference", dtype=dtype, shape=value.shape)
+        dtype = tensor.dtype if tensor.dtype is not None else graph.dtypes.get(name, value.dtype)
+        # No declared shape: a static one would make onnxruntime propagate sizes that
+        # contradict the exporter's own value_info when the input is not the trace size.
+        cut = gs.Variable(f"{name}__layerdiff_reference", dtype=dtype, shape=None)
         for consumer in list(tensor.outputs):
             for i, inp in enumerate(consumer.inputs):
                 if inp is tensor:
@@ -265,7 +270,7 @@ def run_local(
         g.inputs.append(cut)
         extra_feeds[cut.name] = np.asarray(value, dtype=np.dtype(dtype))
         if tensor.dtype is None:
-            tensor.dtype = value.dtype
+            tensor.dtype = dtype
         exposed.append(tensor)
     g.outputs = list(g.outputs) + [t for t in exposed if t not in g.outputs]
     session = _session(gs.export_onnx(g).SerializeToString(), level, provider, config)
@@ -324,7 +329,7 @@ def _instrumented(graph: OnnxGraph, mark: list[str], *, keep_outputs: bool) -> b
         if tensor is None or isinstance(tensor, gs.Constant):
             continue
         if tensor.dtype is None:
-            tensor.dtype = np.float32
+            tensor.dtype = graph.dtypes.get(name, np.float32)
         exposed.append(tensor)
     g.outputs = (list(g.outputs) if keep_outputs else []) + exposed
     if not keep_outputs:

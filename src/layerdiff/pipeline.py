@@ -123,7 +123,10 @@ def diagnose(
         try:
             results.append(runner.run(case))
         except capture_onnx.OnnxLoadError as exc:
-            return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
+            if number == 0:
+                return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
+            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), "skipped", case.kind,
+                                      note=f"onnxruntime cannot run it: {exc.message}"))
         except LayerdiffError as exc:
             if number == 0 or case.kind == "file":
                 raise
@@ -135,6 +138,8 @@ def diagnose(
     outputs = _worst_outputs(results)
     first, first_case = _first_divergence(results)
     verdict, masked = judge.verdict(layers, outputs, first)
+    # An input on which onnxruntime failed produced no output: nothing is masked there.
+    masked = masked and all(r.final_outputs is not None for r in results)
 
     facts = Facts(
         input_mutated=any(r.input_mutated for r in results),
@@ -370,7 +375,9 @@ def _with_referee(layer: LayerResult, pair, torch32: dict, onnx_values: dict,
 
 # --------------------------------------------------------------------------- combining inputs
 
-_SEVERITY = {"fail": 3, "propagated": 2, "not_run": 1, "pass": 0, "ignored": 0}
+# A measured result outranks an unmeasured one: "not_run" (onnxruntime failed before
+# the layer on some input) never hides how the layer did where it ran.
+_SEVERITY = {"fail": 3, "propagated": 2, "pass": 1, "ignored": 1, "not_run": 0}
 
 
 def _normalised_error(layer: LayerResult) -> float:
@@ -550,7 +557,9 @@ def _fp16_facts(facts: Facts, main: _Case, graph, fp32_path: Path | None, fix_pa
 
 def _error_diagnosis(model: LoadedModel, source: OnnxSource, settings: Settings,
                      message: str, hint: str) -> Diagnosis:
-    return Diagnosis(
+    diagnosis = Diagnosis(
         verdict="error", summary=f"{message}. {hint}".strip(), model=model, onnx=source,
         settings=settings, versions=versions(), error=message,
     )
+    # Rules may still explain why the file cannot load (an op missing at this opset).
+    return replace(diagnosis, suggestions=suggest(diagnosis))

@@ -39,6 +39,7 @@ __all__ = [
     "render_html",
     "write_html",
     "console_summary",
+    "layer_counts",
     "fmt_num",
 ]
 
@@ -322,6 +323,11 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             "torch_attrs": _plain(fd.torch_attrs),
             "downstream_of_ignored": list(fd.downstream_of_ignored),
         }
+        if fd_index is not None:
+            row = d.layers[fd_index]
+            first["local_max_abs"] = None if row.local is None else _finite_or_none(row.local.max_abs)
+            first["accumulated_max_abs"] = (None if row.metrics is None
+                                            else _finite_or_none(row.metrics.max_abs))
 
     al = d.alignment
     unmatched = {
@@ -384,6 +390,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "tolerance": {"rtol": settings["rtol"], "atol": settings["atol"]},
         "outputs": outputs,
         "layers": layers,
+        # fail: its own segment fails (a cause); propagated: only carries error from upstream
+        "layer_counts": layer_counts(d),
         "first_divergence": first,
         "suggestions": [
             {
@@ -506,44 +514,91 @@ def _env() -> jinja2.Environment:
     return env
 
 
+STATUS_LABELS = {
+    "pass": "pass",
+    "fail": "fail",
+    "propagated": "propagated",
+    "ignored": "ignored",
+    "not_run": "not run",
+}
+
+
+def _status_of(r: LayerResult) -> str:
+    """The layer's status; derived from its metrics for records that carry none."""
+    if r.status:
+        return r.status
+    if r.metrics is None:
+        return "not_run"
+    return "pass" if r.metrics.passed else "fail"
+
+
+def _status_title(r: LayerResult, status: str) -> str:
+    """Hover text of a status badge: why it has that status, in words."""
+    m, lm = r.metrics, r.local
+    if status == "propagated":
+        why = f" ({m.reason})" if m is not None and m.reason else ""
+        return ("its own segment passes on PyTorch's inputs; the total error fails only because of "
+                f"error arriving from upstream{why}")
+    if status == "fail":
+        if lm is not None and not lm.passed:
+            return f"its own segment fails on PyTorch's inputs: {lm.reason}" if lm.reason else \
+                "its own segment fails on PyTorch's inputs"
+        return m.reason if m is not None and m.reason else ""
+    if status == "not_run":
+        return "onnxruntime never produced this tensor"
+    if status == "ignored":
+        return "left out by --ignore-layer" + (f"; {m.reason}" if m is not None and m.reason else "")
+    return ""
+
+
 def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
     rows = []
     for i, r in enumerate(d.layers):
-        m = r.metrics
-        status = r.status or ("not_run" if m is None else ("pass" if m.passed else "fail"))
+        m, lm = r.metrics, r.local
+        status = _status_of(r)
         css_status = "ignored" if r.ignored else status
-        norm = _normalised(m)
+        norm, lnorm = _normalised(m), _normalised(lm)
         rows.append(
             {
                 "i": i,
                 "r": r,
                 "m": m,
+                "lm": lm,
                 "status": status,
+                "status_label": STATUS_LABELS.get(status, status.replace("_", " ")),
                 "css": css_status,
                 "first": i == fd_index,
                 "shape": fmt_shapes(m),
                 "shape_mismatch": m is not None and tuple(m.shape_torch) != tuple(m.shape_onnx),
+                "local_bad": lm is not None and not lm.passed,
                 # raw values for sorting (JS); "" sorts last
                 "v_max_abs": _sortkey(m.max_abs if m else None),
+                "v_local_max_abs": _sortkey(lm.max_abs if lm else None),
                 "v_mean_abs": _sortkey(m.mean_abs if m else None),
                 "v_max_rel": _sortkey(m.max_rel if m else None),
                 "v_cosine": _sortkey(m.cosine if m else None),
                 "v_outlier": _sortkey(m.outlier_share if m else None),
-                "v_norm": "" if norm is None else _sortkey(norm),
-                "title": m.reason if (m is not None and m.reason) else "",
+                "v_local_outlier": _sortkey(lm.outlier_share if lm else None),
+                "v_norm": "" if norm is None else _sortkey(norm, 3),
+                "v_lnorm": "" if lnorm is None else _sortkey(lnorm, 3),
+                "title": _status_title(r, status),
             }
         )
     return rows
 
 
-def _sortkey(x: Any) -> str:
-    """Numeric sort value for a data- attribute: NaN and inf sort as huge, None as ''."""
+def _sortkey(x: Any, digits: int = 9) -> str:
+    """Numeric sort value for a data- attribute: NaN and inf sort as huge, None as ''.
+
+    ``digits`` significant digits: enough to order cosines next to 1, short enough to keep
+    a 5,000-row table light.
+    """
     if x is None:
         return ""
     f = float(x)
     if math.isnan(f) or math.isinf(f):
         return "1e308"
-    return repr(f)
+    return f"{f:.{digits}g}"
 
 
 def _normalised(m: Metrics | None) -> float | None:
@@ -561,9 +616,10 @@ def _normalised(m: Metrics | None) -> float | None:
 
 # ---------------------------------------------------------------- chart geometry
 
-CHART_W, CHART_H = 1000, 300
+CHART_W, CHART_H = 1000, 330
 CHART_L, CHART_R, CHART_T, CHART_B = 62, 18, 30, 40
-CHART_FLOOR = 1e-9
+CHART_ZERO_LANE = 24  # band under the log axis where exact zeros are drawn
+CHART_MIN_EXP = -12  # the log axis never reaches below 1e-12 (smaller values clamp)
 
 
 def _nice_step(n: int, max_ticks: int = 10) -> int:
@@ -577,75 +633,133 @@ def _nice_step(n: int, max_ticks: int = 10) -> int:
     return max(1, int(10 * mag))
 
 
+def _acc_class(r: LayerResult, v: float) -> str:
+    """Colour class of a layer's accumulated-error dot."""
+    status = _status_of(r)
+    if r.ignored or status == "ignored":
+        return "ignored"
+    if not math.isfinite(v):
+        return "nonfinite"
+    if status == "fail":
+        return "fail"
+    if status == "propagated":
+        return "propagated"
+    return "pass"
+
+
+def _local_class(r: LayerResult, v: float) -> str:
+    """Colour class of a layer's local-error ring."""
+    if r.ignored or _status_of(r) == "ignored":
+        return "ignored"
+    if not math.isfinite(v):
+        return "nonfinite"
+    return "fail" if r.local is not None and not r.local.passed else "ok"
+
+
 def _chart(d: Diagnosis, fd_index: int | None) -> dict[str, Any] | None:
+    """Both errors of every layer over execution order, normalised by the layer's scale.
+
+    Accumulated (ONNX model vs PyTorch): filled dots on a solid line, coloured by status.
+    Local (the layer's own segment on PyTorch's inputs): hollow rings on a dashed line.
+    A fault reads as one local spike where the accumulated line jumps and stays up;
+    drift as low local rings under a slowly rising accumulated line. Exact zeros sit in
+    a lane under the log axis; NaN / inf at the top. Everything is a handful of <path>s,
+    so 5,000 layers stay light.
+    """
     n = len(d.layers)
     if n == 0:
         return None
     rtol = _finite_or_none(d.settings.rtol)
+    acc: list[float | None] = [_normalised(r.metrics) for r in d.layers]
+    loc: list[float | None] = [_normalised(r.local) for r in d.layers]
+    has_local = any(v is not None for v in loc)
+    every = [v for v in (*acc, *loc) if v is not None]
+    positive = [v for v in every if math.isfinite(v) and v > 0]
+    zero_lane = any(v == 0 for v in every)
+
+    rng = list(positive)
+    if rtol and rtol > 0:
+        rng.append(rtol)
+    if not rng:
+        rng = [1e-7, 1e-4]
+    lo = math.floor(math.log10(max(min(rng), 10.0**CHART_MIN_EXP)) + 1e-9)
+    hi = math.ceil(math.log10(max(rng)) - 1e-9)
+    if hi <= lo:
+        hi = lo + 1
+    grow_up = True  # at least 3 decades, widened on both sides, data stays mid-chart
+    while hi - lo < 3:
+        if grow_up or lo <= CHART_MIN_EXP:
+            hi += 1
+        else:
+            lo -= 1
+        grow_up = not grow_up
+    span = hi - lo
+
     pw = CHART_W - CHART_L - CHART_R
-    ph = CHART_H - CHART_T - CHART_B
+    axis_y = CHART_H - CHART_B
+    plot_b = axis_y - (CHART_ZERO_LANE if zero_lane else 0)  # bottom of the log scale
+    ph = plot_b - CHART_T
+    lane_y = plot_b + CHART_ZERO_LANE * 0.55
     step = pw / n
 
     def xpos(i: int) -> float:
         return CHART_L + (i + 0.5) * step
 
-    vals: list[float | None] = [_normalised(r.metrics) for r in d.layers]
-    finite = [max(v, CHART_FLOOR) for v in vals if v is not None and math.isfinite(v)]
-    rng = list(finite)
-    if rtol and rtol > 0:
-        rng.append(rtol)
-    if not rng:
-        rng = [1e-6, 1.0]
-    lo = math.floor(math.log10(min(rng)) + 1e-9)
-    hi = math.ceil(math.log10(max(rng)) - 1e-9)
-    if hi <= lo:
-        hi = lo + 1
-    lo = max(lo, round(math.log10(CHART_FLOOR)))
-    while hi - lo < 3:
-        if lo > round(math.log10(CHART_FLOOR)):
-            lo -= 1
-        else:
-            hi += 1
-    span = hi - lo
-
     def ypos(v: float) -> float:
-        lv = min(max(math.log10(max(v, CHART_FLOOR)), lo), hi)
+        if not math.isfinite(v):
+            return CHART_T
+        if v <= 0:
+            return lane_y
+        lv = min(max(math.log10(v), lo), hi)
         return CHART_T + (hi - lv) / span * ph
 
     dot = 7.0 if n <= 60 else 5.0 if n <= 300 else 3.5 if n <= 1500 else 2.5
-    paths: dict[str, list[str]] = {"pass": [], "fail": [], "ignored": [], "nonfinite": []}
+    ring = dot + 4.0
+    core = max(ring - 3.0, 1.0)
+
+    dots: dict[str, list[str]] = {k: [] for k in ("pass", "propagated", "fail", "ignored", "nonfinite")}
+    rings: dict[str, list[str]] = {k: [] for k in ("ok", "fail", "ignored", "nonfinite")}
+    cores: list[str] = []
     notrun: list[str] = []
-    line: list[str] = []
-    pen_down = False
+    bands: list[str] = []
+    band_w = max(step, 3.0)
+
+    def trend(values: list[float | None]) -> str:
+        """Line through the layers that count: breaks where a value is missing, passes
+        over exact zeros (drawn in the zero lane) without dropping to them."""
+        out: list[str] = []
+        pen = False
+        for i, (r, v) in enumerate(zip(d.layers, values)):
+            if v is None:
+                pen = False
+                continue
+            if v == 0 or r.ignored or _status_of(r) == "ignored":
+                continue
+            out.append(f"{'L' if pen else 'M'}{xpos(i):.1f} {ypos(v):.1f}")
+            pen = True
+        return "".join(out)
+
     fd_point = None
-    for i, (r, v) in enumerate(zip(d.layers, vals)):
+    for i, (r, a, lv) in enumerate(zip(d.layers, acc, loc)):
         x = xpos(i)
-        if v is None:
-            notrun.append(f"M{x:.1f} {CHART_T + ph:.1f}v-14")
-            pen_down = False
+        if _status_of(r) == "fail" and not r.ignored:
+            bands.append(f"M{x - band_w / 2:.1f} {CHART_T}h{band_w:.1f}v{axis_y - CHART_T}h{-band_w:.1f}z")
+        if lv is not None:
+            y = ypos(lv)
+            rings[_local_class(r, lv)].append(f"M{x:.1f} {y:.1f}h0")
+            cores.append(f"M{x:.1f} {y:.1f}h0")
+        if a is None:
+            notrun.append(f"M{x:.1f} {axis_y:.1f}v-14")
             continue
-        if not math.isfinite(v):
-            y = CHART_T
-            cls = "ignored" if r.ignored or r.status == "ignored" else "nonfinite"
-        else:
-            y = ypos(v)
-            if r.ignored or r.status == "ignored":
-                cls = "ignored"
-            elif r.status == "fail" or (r.metrics is not None and not r.metrics.passed):
-                cls = "fail"
-            else:
-                cls = "pass"
-        paths[cls].append(f"M{x:.1f} {y:.1f}h0")
-        if cls != "ignored":  # the trend line follows the layers that count
-            line.append(f"{'L' if pen_down else 'M'}{x:.1f} {y:.1f}")
-            pen_down = True
+        y = ypos(a)
+        dots[_acc_class(r, a)].append(f"M{x:.1f} {y:.1f}h0")
         if i == fd_index:
             fd_point = (x, y)
 
     yticks = []
-    every = 1 if span <= 10 else 2 if span <= 20 else 3
+    every_k = 1 if span <= 10 else 2 if span <= 20 else 3
     for e in range(lo, hi + 1):
-        if (e - lo) % every:
+        if (e - lo) % every_k:
             continue
         label = {-1: "0.1", 0: "1", 1: "10"}.get(e, f"1e{e}")
         yticks.append({"y": round(CHART_T + (hi - e) / span * ph, 1), "label": label})
@@ -674,23 +788,89 @@ def _chart(d: Diagnosis, fd_index: int | None) -> dict[str, Any] | None:
         "l": CHART_L,
         "r": CHART_W - CHART_R,
         "t": CHART_T,
-        "b": CHART_T + ph,
+        "b": axis_y,
+        "plot_b": plot_b,
         "step": step,
         "n": n,
         "dot": dot,
-        "pass": "".join(paths["pass"]),
-        "fail": "".join(paths["fail"]),
-        "ignored": "".join(paths["ignored"]),
-        "nonfinite": "".join(paths["nonfinite"]),
+        "ring": ring,
+        "core": core,
+        "dots": {k: "".join(v) for k, v in dots.items()},
+        "rings": {k: "".join(v) for k, v in rings.items()},
+        "cores": "".join(cores),
+        "bands": "".join(bands),
         "notrun": "".join(notrun),
-        "line": "".join(line),
+        "line": trend(acc),
+        "local_line": trend(loc) if has_local else "",
+        "has_local": has_local,
+        "zero_lane": round(lane_y, 1) if zero_lane else None,
         "yticks": yticks,
         "xticks": xticks,
         "rtol_y": round(ypos(rtol), 1) if rtol and rtol > 0 else None,
         "rtol": rtol,
+        # the rtol label sits at the end away from the first-divergence marker
+        "rtol_x": CHART_L + 4 if fd_mark and fd_mark["anchor"] == "end" else CHART_W - CHART_R - 4,
+        "rtol_anchor": "start" if fd_mark and fd_mark["anchor"] == "end" else "end",
         "fd": fd_mark,
-        "counts": {k: len(v) for k, v in paths.items()} | {"notrun": len(notrun)},
+        "reading": _chart_reading(d, acc, loc),
+        "counts": {k: len(v) for k, v in dots.items()}
+        | {"local_" + k: len(v) for k, v in rings.items()}
+        | {"notrun": len(notrun), "causes": len(bands)},
     }
+
+
+def _chart_reading(d: Diagnosis, acc: list[float | None], loc: list[float | None]) -> list[str]:
+    """A few plain sentences saying what the chart shows: a jump or drift (no verdicts of
+    its own: only the statuses and numbers already in the diagnosis)."""
+    counted = [(i, r) for i, r in enumerate(d.layers) if not r.ignored and _status_of(r) != "ignored"]
+    causes = [i for i, r in counted if _status_of(r) == "fail"]
+    carried = [i for i, r in counted if _status_of(r) == "propagated"]
+    out: list[str] = []
+
+    def rel(v: float | None) -> str:
+        if v is None:
+            return "–"
+        if not math.isfinite(v):
+            return "non-finite"
+        return f"{fmt_pct(v) if v >= 1e-4 else fmt_num(v)} of its range"
+
+    if causes:
+        i = causes[0]
+        r = d.layers[i]
+        after = sum(1 for k in carried if k > i)
+        own = f"its own error is {rel(loc[i])}" if loc[i] is not None else "its own error was not measured"
+        text = (f"The first layer that fails on its own is #{i} {r.module}: {own}, "
+                f"the total error at its output {rel(acc[i])}.")
+        if after:
+            text += f" After it, {after} layer{'s' if after != 1 else ''} only carry error from upstream."
+        if len(causes) > 1:
+            more = len(causes) - 1
+            text += (f" {more} more layer{'s fail on their' if more != 1 else ' fails on its'} own"
+                     " (shaded columns).")
+        out.append(text)
+        # One jump, or errors of the same size everywhere? Compare the largest own error
+        # with the typical one.
+        own_errors = sorted(v for k, r in counted if (v := loc[k]) is not None and math.isfinite(v) and v > 0)
+        if len(causes) > 1 and len(own_errors) >= 5:
+            median = own_errors[len(own_errors) // 2]
+            ratio = own_errors[-1] / median if median > 0 else math.inf
+            if ratio < 30:
+                out.append(f"The own errors are all of similar size (the largest is {ratio:.1f}× the median "
+                           f"{fmt_num(median)}): rounding everywhere rather than one faulty layer, which "
+                           "suggests a tolerance tighter than float32 arithmetic can meet.")
+    elif ignored := [r.module for r in d.layers
+                     if r.ignored and (j := r.local or r.metrics) is not None and not j.passed]:
+        out.append("No counted layer fails on its own; only ignored layers do ("
+                   + ", ".join(ignored[:3]) + (", …" if len(ignored) > 3 else "")
+                   + "), and the error downstream may come from them.")
+    elif carried:
+        first, last = carried[0], carried[-1]
+        grow = [v for v in (acc[k] for k, _ in counted) if v is not None and math.isfinite(v) and v > 0]
+        span = f", from {fmt_num(grow[0])} to {fmt_num(grow[-1])} of the layer's range" if len(grow) >= 2 else ""
+        out.append(f"No layer fails on its own: the dashed local line stays within the tolerance while the "
+                   f"total error builds up{span}. {len(carried)} layer{'s' if len(carried) != 1 else ''} "
+                   f"(#{first}–#{last}) only carry error from upstream: slow drift, no single jump.")
+    return out
 
 
 # ---------------------------------------------------------------- previews
@@ -806,14 +986,72 @@ def _fd_layer(d: Diagnosis, fd_index: int | None) -> LayerResult | None:
     return None if fd_index is None else d.layers[fd_index]
 
 
+def layer_counts(d: Diagnosis) -> dict[str, int]:
+    """Layers by status: ``fail`` (its own segment fails: a cause), ``propagated`` (only
+    carries error from upstream), ``pass``, ``ignored``, ``not_run``; ``compared`` is all."""
+    counts = {"compared": len(d.layers), "pass": 0, "fail": 0, "propagated": 0, "ignored": 0,
+              "not_run": 0}
+    for r in d.layers:
+        status = "ignored" if r.ignored else _status_of(r)
+        counts[status if status in counts else "fail"] += 1
+    return counts
+
+
+def fails_own(k: int) -> str:
+    """'3 fail on their own' / '1 fails on its own'."""
+    return f"{k} fails on its own" if k == 1 else f"{k} fail on their own"
+
+
+def carries(k: int) -> str:
+    """'3 only carry error from upstream' / '1 only carries error from upstream'."""
+    return f"{k} only carries error from upstream" if k == 1 else f"{k} only carry error from upstream"
+
+
+def _share(m: Metrics | None) -> str:
+    """max_abs as a share of the tensor's range, in words."""
+    v = _normalised(m)
+    if v is None:
+        return "–"
+    if not math.isfinite(v):
+        return "non-finite"
+    return fmt_pct(v) if v >= 1e-4 else fmt_num(v)
+
+
+def _fd_errors(layer: LayerResult | None) -> dict[str, Any] | None:
+    """The first divergence's own (local) and total (accumulated) error side by side, and
+    one plain sentence on how they relate."""
+    if layer is None or layer.metrics is None:
+        return None
+    own, total = layer.local, layer.metrics
+    if own is None:
+        words = ("Only the total error was measured for this layer; its own error (its ONNX segment "
+                 "run on PyTorch's inputs) is not available.")
+    elif not own.passed:
+        a, b = _finite_or_none(own.max_abs), _finite_or_none(total.max_abs)
+        if a is not None and b is not None and b > 0 and a < 0.5 * b:
+            words = (f"Its own segment adds an error of {fmt_num(a)} even on exact inputs; more error "
+                     f"arrives from upstream, for {fmt_num(b)} in total at its output.")
+        else:
+            words = ("Its own segment produces this error: run on PyTorch's exact inputs it is already "
+                     "this far off, so the inputs it receives are not the cause.")
+    else:
+        words = ("Its own segment passes on PyTorch's inputs: the error at its output arrives from "
+                 "upstream.")
+    return {"own": own, "total": total, "own_share": _share(own), "total_share": _share(total),
+            "words": words}
+
+
 def _context(d: Diagnosis) -> dict[str, Any]:
     fd = d.first_divergence
     fd_index = _layer_index(d, fd)
     rows = _layer_rows(d, fd_index)
-    counts = {"pass": 0, "fail": 0, "ignored": 0, "not_run": 0}
-    for row in rows:
-        key = row["css"] if row["css"] in counts else "fail"
-        counts[key] += 1
+    counts = layer_counts(d)
+    fd_layer = _fd_layer(d, fd_index)
+    # Drift: outputs off, nobody fails on its own (an ignored layer that does is a cause too).
+    ignored_causes = any(r.ignored and (j := r.local or r.metrics) is not None and not j.passed
+                         for r in d.layers)
+    drift = (d.verdict == "diverged" and fd is None and counts["fail"] == 0
+             and counts["propagated"] > 0 and not ignored_causes)
 
     fd_suggestions = []
     if fd is not None:
@@ -860,7 +1098,11 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "title": " · ".join(title_bits),
         "fd": fd,
         "fd_index": fd_index,
-        "fd_layer": _fd_layer(d, fd_index),
+        "fd_layer": fd_layer,
+        "fd_errors": _fd_errors(fd_layer),
+        "carried_after_fd": 0 if fd_index is None else sum(
+            1 for r in d.layers[fd_index + 1:] if _status_of(r) == "propagated" and not r.ignored),
+        "drift": drift,
         "fd_kind": KIND_LABELS.get(fd.kind, fd.kind) if fd else "",
         "fd_suggestions": fd_suggestions,
         "rows": rows,
@@ -876,6 +1118,8 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "outputs_failed": sum(1 for o in d.outputs if not o.passed),
         "layerdiff_version": d.versions.get("layerdiff", ""),
         "fmt_shapes": fmt_shapes,
+        "fails_own": fails_own,
+        "carries": carries,
     }
 
 
@@ -925,9 +1169,17 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
         where = fd.module + (f" ({fd.module_type})" if fd.module_type else "")
         lines.append(f"  first divergence: {c('1', where)}")
         bits = [f"ONNX node {fd.onnx_node}", f"op {fd.op_type}", f"kind {fd.kind}"]
-        if fd.max_abs is not None:
+        row = _fd_layer(d, _layer_index(d, fd))
+        own_total = ""
+        if row is not None and row.local is not None and row.metrics is not None:
+            on = f", on {row.case}" if row.case and fd.case and row.case != fd.case else ""
+            own_total = (f"own error {fmt_num(row.local.max_abs)} (its segment on PyTorch's inputs), "
+                         f"total {fmt_num(row.metrics.max_abs)} at its output{on}")
+        elif fd.max_abs is not None:
             bits.append(f"max abs error {fmt_num(fd.max_abs)}")
-        lines.append("    " + ", ".join(bits))
+        lines += wrap(", ".join(bits), "    ")
+        if own_total:
+            lines += wrap(own_total, "    ")
         if fd.message:
             msg = fd.message.strip().splitlines()
             lines += wrap(msg[0], "    ")
@@ -943,6 +1195,14 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
             + c("33", "masked downstream:")
             + " a layer diverges but the final output still passes the tolerance."
         )
+
+    if d.layers:
+        n = layer_counts(d)
+        bits = [f"{n['compared']} compared",
+                c("31", fails_own(n["fail"])) if n["fail"] else fails_own(0),
+                c("33", carries(n["propagated"])) if n["propagated"] else carries(0)]
+        bits += [f"{n[k]} {k.replace('_', ' ')}" for k in ("ignored", "not_run") if n[k]]
+        lines.append("  layers: " + ", ".join(bits))
 
     if d.outputs:
         failed = [o.name for o in d.outputs if not o.passed]

@@ -1,9 +1,10 @@
 """The shipped rules, in the order their suggestions are listed."""
 
 from . import (
-    activation_attribute, changed_weights, fp16_precision, frozen_shape, gelu_approximation,
-    input_mutation,
-    ort_optimisation, pixel_shuffle, resize_mode, training_mode,
+    activation_attribute, changed_weights, export_crash, float_drift, fp16_precision,
+    frozen_shape, gelu_approximation, gridsample_opset, input_mutation,
+    instrumentation_changed_result, names_lost, ort_optimisation, pixel_shuffle,
+    preprocessing_mismatch, reflect_pad, resize_mode, training_mode,
 )
 
 RULES = [
@@ -17,4 +18,11 @@ RULES = [
     changed_weights.RULE,
     ort_optimisation.RULE,
     input_mutation.RULE,
+    reflect_pad.RULE,
+    gridsample_opset.RULE,
+    preprocessing_mismatch.RULE,
+    float_drift.RULE,
+    instrumentation_changed_result.RULE,
+    export_crash.RULE,
+    names_lost.RULE,
 ]

@@ -29,12 +29,17 @@ def check(d: Diagnosis) -> Suggestion | None:
         isinstance(a, int) and a != b for a, b in zip(declared, wanted)))
     other_size = _only_at_another_size(d)
     if other_size is not None:
+        main, failing, case = other_size
+        if first is not None and first.case == case.label:
+            what = (f"the first divergence is {first.module or first.onnx_node} "
+                    f"({first.op_type}, {first.kind}): {first.message}")
+        else:
+            what = "the final output differs" + (f" ({case.first_divergence})" if case.first_divergence else "")
         return Suggestion(
-            "frozen_shape", f"Right at {other_size[0]}, wrong at {other_size[1]}: a shape was frozen at export",
-            f"The model passes at {other_size[0]} but at {other_size[1]} the first divergence is "
-            f"{first.module or first.onnx_node} ({first.op_type}, {first.kind}): {first.message}. "
-            "A size, mask or index computed when the model was traced is stored as a constant "
-            "and does not fit other inputs.", FIX, where(d))
+            "frozen_shape", f"Right at {main}, wrong at {failing}: a shape was frozen at export",
+            f"The model passes at {main} but at {failing} {what}. A size, padding, crop or mask "
+            "computed when the model was traced is stored as a constant and does not fit other "
+            "inputs.", FIX, where(d) if first is not None and first.case == case.label else ())
     if first is not None and first.kind == "runtime_error":
         text = first.message.lower()
         if "invalid dimensions" in text or fixed_mismatch:
@@ -42,7 +47,7 @@ def check(d: Diagnosis) -> Suggestion | None:
                 "frozen_shape", "The ONNX graph accepts only its export size",
                 f"The graph input is fixed at {tuple(declared)}, the input is {wanted}: "
                 f"{first.message}", FIX, ())
-        if first.op_type in SHAPE_OPS or "shape" in text:
+        if first.op_type in SHAPE_OPS:
             return Suggestion(
                 "frozen_shape", "A shape was frozen at export time",
                 f"onnxruntime fails at {first.op_type} '{first.onnx_node}' on an input of "
@@ -52,17 +57,17 @@ def check(d: Diagnosis) -> Suggestion | None:
     return None
 
 
-def _only_at_another_size(d: Diagnosis) -> tuple[str, str] | None:
-    """(main size, failing size) when the main input passes and another size diverges."""
+def _only_at_another_size(d: Diagnosis):
+    """(main size, failing size, its case) when the main input passes and a size diverges."""
+    if not d.cases or d.cases[0].verdict != "pass":
+        return None
     first = d.first_divergence
-    if first is None or not first.case or not d.cases:
+    failing = [c for c in d.cases if c.kind == "size" and c.verdict == "diverged"]
+    if not failing:
         return None
-    main = d.cases[0]
-    failing = next((c for c in d.cases if c.label == first.case), None)
-    if failing is None or failing.kind != "size" or main.verdict != "pass":
-        return None
+    case = next((c for c in failing if first is not None and c.label == first.case), failing[0])
     size = lambda shape: "x".join(str(n) for n in shape[-2:])  # noqa: E731
-    return size(main.shape), size(failing.shape)
+    return size(d.cases[0].shape), size(case.shape), case
 
 
 RULE = Rule("frozen_shape", "A shape was frozen at export time", check)
