@@ -560,20 +560,33 @@ def _shape_fits(onnx_shape: tuple | None, torch_shape: tuple[int, ...]) -> bool:
     return all(not isinstance(a, int) or a == b for a, b in zip(onnx_shape, torch_shape))
 
 
-def drop_misfits(alignment: Alignment, calls: list[TorchCall],
-                 values: dict[str, np.ndarray]) -> Alignment:
-    """Unpair structural guesses whose tensor turned out to have another shape at run time.
+def drop_misfits(alignment: Alignment, calls: list[TorchCall], values: dict[str, np.ndarray],
+                 torch_values: dict[int, np.ndarray] | None = None) -> Alignment:
+    """Unpair guesses whose tensor turned out to have another shape at run time.
 
     Shape inference cannot size every tensor of a graph with dynamic axes; the run can.
-    A structural pair of the wrong shape was a wrong guess, not a divergence.
+    A structural pair of the wrong shape was a wrong guess, not a divergence. So is any
+    pair whose tensor has the same number of elements in another shape and whose values
+    do not match in torch's layout: optimisers move Transposes across module boundaries,
+    leaving the module's scope holding another layout of its neighbour's value. A tensor
+    of another *size* stays paired: that is a real shape divergence.
     """
     keep, dropped = [], []
     for pair in alignment.pairs:
         value = values.get(pair.onnx_tensor)
-        if pair.method == "structure" and value is not None and value.shape != calls[pair.call].shape:
+        shape = calls[pair.call].shape
+        reference = (torch_values or {}).get(pair.call)
+        if value is None or value.shape == shape:
+            keep.append(pair)
+        elif pair.method == "structure":
             dropped.append(Unmatched(calls[pair.call].label,
                                      f"the tensor it was paired with by structure has shape "
                                      f"{tuple(value.shape)}; not paired"))
+        elif (reference is not None and value.size == reference.size
+              and not _same_values(reference, value)):
+            dropped.append(Unmatched(calls[pair.call].label,
+                                     f"its ONNX tensor '{pair.onnx_tensor}' holds another layout "
+                                     f"{tuple(value.shape)} of the values; not compared"))
         else:
             keep.append(pair)
     if not dropped:
@@ -581,3 +594,11 @@ def drop_misfits(alignment: Alignment, calls: list[TorchCall],
     return Alignment(pairs=tuple(keep), aliases=alignment.aliases,
                      unmatched_torch=alignment.unmatched_torch + tuple(dropped),
                      unmatched_onnx=alignment.unmatched_onnx, has_scopes=alignment.has_scopes)
+
+
+def _same_values(reference: np.ndarray, value: np.ndarray) -> bool:
+    """Whether ``value`` holds ``reference``'s values in its order, up to rounding."""
+    a = reference.astype(np.float64).ravel()
+    b = value.astype(np.float64).ravel()
+    scale = float(np.max(np.abs(a))) if a.size else 0.0
+    return bool(np.all(np.abs(a - b) <= 1e-3 * scale + 1e-6))

@@ -272,7 +272,7 @@ class _CaseRunner:
         alignment = align(captured.calls, captured.parameters, graph)
         run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
                                level=s.ort_level, provider=s.provider, config=s.ort_config)
-        alignment = drop_misfits(alignment, captured.calls, run.values)
+        alignment = drop_misfits(alignment, captured.calls, run.values, captured.activations)
         local = capture_onnx.run_local(
             graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
             level=s.ort_level, provider=s.provider, config=s.ort_config)
