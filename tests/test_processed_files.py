@@ -1,5 +1,5 @@
-"""Files as users ship them: saved by onnxruntime after optimisation (ORT-only fused ops)
-and converted to float16. Clean files must pass; a one-node fault must be localised."""
+"""Files as users ship them: simplified by onnxslim, saved by onnxruntime after
+optimisation (ORT-only fused ops), and converted to float16. Clean files must pass; a one-node fault must be localised."""
 
 from __future__ import annotations
 
@@ -25,7 +25,14 @@ def _fp16(source, tmp_path):
     return path
 
 
-PROCESS = {"ort-optimised": _ort_optimised, "fp16": _fp16}
+def _onnxslim(source, tmp_path):
+    import onnxslim
+
+    onnx.save(onnxslim.slim(onnx.load(str(source))), str(tmp_path / "slim.onnx"))
+    return tmp_path / "slim.onnx"
+
+
+PROCESS = {"ort-optimised": _ort_optimised, "fp16": _fp16, "onnxslim": _onnxslim}
 CASES = [(arch, how, step) for arch, how in [("esrgan", "legacy"), ("esrgan", "nameless"),
                                               ("compact", "nameless"), ("swinir", "legacy")]
          for step in PROCESS if not (arch == "swinir" and step == "fp16")]

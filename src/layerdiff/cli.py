@@ -144,9 +144,9 @@ def _align(args: argparse.Namespace) -> int:
 
     calls, alignment = explain_alignment(args.model, args.onnx, input_shape=args.input_shape,
                                          trust_pickle=args.trust_pickle)
-    rows = [("module", "type", "method", "ONNX node", "op", "tensor")]
-    rows += [(calls[p.call].label, calls[p.call].module_type, p.method, p.onnx_node, p.op_type,
-              p.onnx_tensor) for p in alignment.pairs]
+    rows = [("module", "type", "method", "confidence", "ONNX node", "op", "tensor")]
+    rows += [(calls[p.call].label, calls[p.call].module_type, p.method, p.confidence, p.onnx_node,
+              p.op_type, p.onnx_tensor) for p in alignment.pairs]
     widths = [min(max(len(r[i]) for r in rows), 48) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell[:48].ljust(w) for cell, w in zip(row, widths)).rstrip())

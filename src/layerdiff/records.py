@@ -98,6 +98,12 @@ class Pair:
     order: int  # position of the producing node in ONNX topological order
     method: str  # "scope" | "weights" (equal) | "weights~" (close) | "structure" | "fused"
 
+    @property
+    def confidence(self) -> str:
+        """How sure the pairing is: exact evidence (a recorded module path, equal weights)
+        is "high"; inference (close weights, data flow, a fused node) is "medium"."""
+        return "high" if self.method in ("scope", "weights") else "medium"
+
 
 @dataclass(frozen=True)
 class Unmatched:
