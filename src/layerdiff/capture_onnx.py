@@ -21,7 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .errors import OnnxLoadError
+from .errors import OnnxLoadError, first_line
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -89,7 +89,7 @@ def load_graph(path: str | Path) -> OnnxGraph:
         model = onnx.load(str(path))
     except Exception as exc:
         raise OnnxLoadError(
-            f"cannot read {path} as ONNX: {_first_line(exc)}",
+            f"cannot read {path} as ONNX: {first_line(exc)}",
             hint="the file may be truncated or not an ONNX model; re-export it",
         ) from exc
     return graph_from_model(model, path)
@@ -348,7 +348,7 @@ def _session(model: bytes, level: str, provider: str,
         return ort.InferenceSession(model, options, providers=[provider])
     except Exception as exc:
         raise OnnxLoadError(
-            f"onnxruntime cannot load the model: {_first_line(exc)}",
+            f"onnxruntime cannot load the model: {first_line(exc)}",
             hint="check the opset and custom ops; `python -m onnx.checker` may say more",
         ) from exc
 
@@ -380,7 +380,3 @@ def _upstream_only(graph: OnnxGraph, mark: list[str], failed_node: str) -> list[
             tainted.update(node.outputs)
     return [m for m in mark if m not in tainted and m in graph.producer]
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import LayerdiffError
+from .errors import LayerdiffError, first_line
 from .records import TorchCall
 
 # Module attributes worth showing and reasoning about (LeakyReLU.negative_slope,
@@ -185,7 +185,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
     except Exception as exc:  # the user's model failed on our input
         raise LayerdiffError(
             f"the PyTorch model failed on an input of shape {tuple(example.shape)}: "
-            f"{type(exc).__name__}: {_first_line(exc)}",
+            f"{type(exc).__name__}: {first_line(exc)}",
             hint="check --input-shape (N,C,H,W): channels and a size the model accepts",
         ) from exc
     finally:
@@ -212,7 +212,3 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
         parameters=recorder.parameters,
     )
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an error message, uncoloured and cut to ``limit``:
+    library errors run to paragraphs, a layerdiff error is one line."""
+    text = _ANSI.sub("", str(error))
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not line and isinstance(error, BaseException):
+        line = type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
 
 class LayerdiffError(Exception):
     """A problem the user can fix (bad file, unknown architecture, export failure...).

@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from .errors import ExportError, OnnxLoadError, UsageError
+from .errors import ExportError, OnnxLoadError, UsageError, first_line
 from .records import LoadedModel, OnnxSource
 
 EXPORTERS = ("dynamo", "legacy")
@@ -354,7 +354,5 @@ def _describe_failure(error: BaseException) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # exporters colour their messages
-    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    line = line if len(line) <= 200 else line[:197] + "..."
+    line = first_line(str(error))  # exporters colour their messages; first_line strips that
     return f"{type(error).__name__}: {line}" if line else type(error).__name__

@@ -19,7 +19,7 @@ import spandrel
 import torch
 from safetensors.torch import load_file as load_safetensors_file
 
-from .errors import ModelLoadError, UntrustedPickleError
+from .errors import ModelLoadError, UntrustedPickleError, first_line
 from .records import LoadedModel
 
 # Image models take RGB unless something in the model says otherwise.
@@ -292,6 +292,5 @@ def _one_line(error: BaseException) -> str:
     match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     if match:
         text = match.group(1)
-    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    line = line if len(line) <= 200 else line[:197] + "..."
+    line = first_line(text)
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
