@@ -13,7 +13,6 @@ import faulthandler
 import functools
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import sys
