@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from layerdiff import render
+from layerdiff.fp16 import Fp16Findings, Fp16Layer, KeepFp32
 from layerdiff.records import (
     Alignment,
+    CaseResult,
     Diagnosis,
     Facts,
     FirstDivergence,
@@ -28,6 +30,8 @@ from layerdiff.records import (
     OnnxNodeInfo,
     OnnxSource,
     OutputResult,
+    Pair,
+    Referee,
     Settings,
     Suggestion,
     TorchCall,
@@ -941,3 +945,151 @@ def test_big_with_local_is_fast():
     assert time.perf_counter() - t0 < 10
     assert len(html) < 6_000_000
     assert html.count("<circle") <= 2 and html.count("<path") < 40
+
+
+# ======================================================================= referee, inputs, coverage, fp16
+
+def _between(html: str, start: str, end: str) -> str:
+    """The text after the first ``start`` up to the next ``end`` (both raw markup)."""
+    part = html.split(start, 1)[1]
+    return part.split(end, 1)[0]
+
+
+CASES = (
+    CaseResult("random (seed 0)", (1, 3, 64, 64), "diverged", "random", "upsample (numeric)", 0.061),
+    CaseResult("cat.png", (1, 3, 48, 48), "diverged", "file", "upsample (numeric)", 0.052,
+               note="alpha channel dropped"),
+    CaseResult("random 49x81", (1, 3, 49, 81), "skipped", "size", note="export fixed at 64x64"),
+)
+
+
+def make_rich(n_cases: int = 3) -> Diagnosis:
+    """The diverged fixture with a float64 referee, several inputs, pairs, fp16 findings."""
+    d = make_diverged()
+    fd_at = render._layer_index(d, d.first_divergence)
+    layers = []
+    for i, r in enumerate(d.layers):
+        side = "onnx" if i == fd_at else "torch" if i == 1 else "noise"
+        ref = Referee(torch_error=2e-8, onnx_error=0.0417 if side == "onnx" else 3e-8, side=side)
+        layers.append(dataclasses.replace(r, referee=ref, case=CASES[i % 2].label))
+    fp16 = Fp16Findings(
+        overflow=(Fp16Layer("boost", "Scale", "/boost/Mul", 84790.5, 0.0),),
+        underflow=(),
+        first_nonfinite=layers[fd_at],
+        keep=(KeepFp32("boost", ("/boost/Constant", "/boost/Mul"), "its fp32 values reach 8.48e+04"),
+              KeepFp32("norm", tuple(f"/norm/N{k}" for k in range(11)), "normalises large inputs")),
+    )
+    alignment = dataclasses.replace(d.alignment, pairs=tuple(
+        Pair(k, f"t{k}", f"n{k}", "Conv", k, "scope" if k < 5 else "weights~") for k in range(8)))
+    return dataclasses.replace(
+        d, layers=tuple(layers), cases=CASES[:n_cases], alignment=alignment,
+        first_divergence=dataclasses.replace(d.first_divergence, case="cat.png"),
+        facts=Facts(vanishes_without_ort_optimisation=True, ort_rewrite="FastGelu (com.microsoft)",
+                    fp16=fp16, fp16_fix=("/tmp/out/mixed.onnx", "pass")))
+
+
+def test_layer_table_referee_marker():
+    html = render.render_html(make_rich())
+    table = _between(html, 'id="layer-table"', "</table>")
+    assert table.count('class="ref ref-onnx"') == 1 and 'off: ONNX' in table
+    assert table.count('class="ref ref-torch"') == 1 and 'off: PyTorch' in table
+    assert 'class="ref ref-noise"' in table
+    # both errors on hover
+    assert 'title="vs a float64 PyTorch run: ONNX error 0.0417, PyTorch fp32 error 2e-8' in table
+    # no referee, no marker
+    assert 'class="ref ' not in render.render_html(make_diverged())
+
+
+def test_layer_table_case_only_with_several_inputs():
+    table = _between(render.render_html(make_rich()), 'id="layer-table"', "</table>")
+    assert '<span class="case">cat.png</span>' in table
+    assert '<span class="case">random (seed 0)</span>' in table
+    one = _between(render.render_html(make_rich(n_cases=1)), 'id="layer-table"', "</table>")
+    assert 'class="case"' not in one
+
+
+def test_fd_card_referee_and_input():
+    html = render.render_html(make_rich())
+    card = _between(html, 'id="first-divergence"', "</section>")
+    assert "ONNX is 2.08e6× further from float64 than PyTorch fp32 is" in card
+    assert "ONNX is off by 0.0417, PyTorch fp32 by 2e-8" in card
+    assert "Shows on input <b>cat.png</b>" in card
+    assert "2 of 3 inputs diverge" in card
+    # ORT rewrite among the checks
+    assert "onnxruntime rewrite" in card and "FastGelu (com.microsoft)" in card
+    plain = render.render_html(make_diverged())
+    assert "further from float64" not in plain and "Shows on input" not in plain
+    assert "onnxruntime rewrite" not in plain
+
+
+def test_referee_words():
+    w = render._referee_words
+    assert "PyTorch fp32 is 5.0× further from float64 than ONNX is" in w(Referee(1e-6, 2e-7, "torch"))
+    assert "ONNX is 2,085× further" in w(Referee(2e-5, 0.0417, "onnx"))
+    assert "Neither is clearly wrong" in w(Referee(1e-7, 2e-7, "noise"))
+    assert "ONNX is non-finite" in w(Referee(0.01, math.inf, "onnx"))
+    assert "ONNX is off by 0.5, PyTorch fp32 by 0" in w(Referee(0.0, 0.5, "onnx"))
+
+
+def test_inputs_table():
+    html = render.render_html(make_rich())
+    assert 'href="#inputs"' in html
+    table = _between(html, 'id="inputs"', "</table>")
+    for text in ("random (seed 0)", "cat.png", "random 49x81", "file", "size", "1×3×49×81",
+                 "upsample (numeric)", "0.052", "alpha channel dropped", "export fixed at 64x64"):
+        assert text in table, text
+    assert table.count('class="pill p-fail">diverged') == 2
+    assert 'class="pill p-ignored">skipped' in table
+    # one input: no table
+    one = render.render_html(make_rich(n_cases=1))
+    assert 'id="inputs"' not in one and 'href="#inputs"' not in one
+    assert "cases" in render.to_json_dict(make_rich()) and len(render.to_json_dict(make_rich())["cases"]) == 3
+
+
+def test_alignment_coverage_line():
+    html = render.render_html(make_rich())
+    section = _between(html, 'id="unmatched"', "</section>")
+    # 8 pairs + 2 unmatched (one fused) = 10 calls
+    assert "10 module calls: 80% compared (scope 5, close weights 3), 10% fused, 10% not paired" in section
+    assert render._coverage_line(make_error()) == ""
+    # a fully paired run still gets the Alignment section, for the coverage line
+    d = make_pass()
+    paired = Alignment(pairs=(Pair(0, "t", "n", "Conv", 0, "scope"),), aliases=(), unmatched_torch=(),
+                       unmatched_onnx=(), has_scopes=True)
+    html = render.render_html(dataclasses.replace(d, alignment=paired))
+    assert "1 module call: 100% compared (scope 1), 0% fused, 0% not paired" in html
+    assert 'href="#unmatched"' in html and "Every PyTorch module and ONNX tensor was paired" in html
+
+
+def test_fp16_between():
+    html = render.render_html(make_rich())
+    assert 'href="#fp16"' in html
+    sec = _between(html, 'id="fp16"', "</section>")
+    assert "1 layer(s) exceed float16&#39;s maximum 65504" in sec
+    assert "Keep in float32" in sec
+    assert "its fp32 values reach 8.48e+04" in sec and "normalises large inputs" in sec
+    assert "/boost/Constant, /boost/Mul" in sec
+    assert "/norm/N0, /norm/N1, /norm/N2, … +8 more" in sec  # long node lists are cut, full on hover
+    assert 'title="/norm/N0, /norm/N1' in sec
+    assert "/tmp/out/mixed.onnx" in sec and 'class="pill p-pass">PASS' in sec
+    assert 'id="fp16"' not in render.render_html(make_diverged())
+    # clean findings: a short all-clear, no keep table, no fix line
+    clean = dataclasses.replace(make_pass(), facts=Facts(fp16=Fp16Findings((), (), None, ())))
+    sec = _between(render.render_html(clean), 'id="fp16"', "</section>")
+    assert "No layer leaves float16" in sec and "Keep in float32" not in sec and "Wrote" not in sec
+
+
+def test_big_rich_is_fast():
+    import time
+
+    d = make_rich()
+    base = d.layers
+    layers = tuple(dataclasses.replace(base[i % len(base)], module=f"blocks.{i}.{base[i % len(base)].module}")
+                   for i in range(5000))
+    d = dataclasses.replace(d, layers=layers, first_divergence=dataclasses.replace(
+        d.first_divergence, module=layers[2500].module, onnx_node=layers[2500].onnx_node))
+    t0 = time.perf_counter()
+    html = render.render_html(d)
+    assert time.perf_counter() - t0 < 10
+    assert html.count('<tr id="layer-') == 5000
+    assert len(html) < 7_000_000

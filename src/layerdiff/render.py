@@ -167,6 +167,25 @@ def fmt_value(v: Any, limit: int = 160) -> str:
 # =========================================================================== JSON
 
 
+def _fp16_json(findings: Any) -> dict[str, Any] | None:
+    """The fp16 analysis (fp16.Fp16Findings) as JSON, or None when there was none."""
+    if findings is None:
+        return None
+    layer = lambda l: {"module": l.module, "module_type": l.module_type,  # noqa: E731
+                       "onnx_node": l.onnx_node, "max_abs": _finite_or_none(l.max_abs),
+                       "tiny_share": _finite_or_none(l.tiny_share)}
+    first = findings.first_nonfinite
+    return {
+        "summary": findings.summary(),
+        "overflow": [layer(l) for l in findings.overflow],
+        "underflow": [layer(l) for l in findings.underflow],
+        "first_nonfinite": None if first is None else {"module": first.module,
+                                                       "onnx_node": first.onnx_node},
+        "keep_fp32": [{"module": k.module, "nodes": list(k.nodes), "reason": k.reason}
+                      for k in findings.keep],
+    }
+
+
 def _plain(v: Any) -> Any:
     """Best-effort conversion of an arbitrary value to JSON-valid data.
 
@@ -303,6 +322,12 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         row.update(m)
         # The layer's own error (its segment on PyTorch's inputs); null when not measured.
         row["local"] = _metrics_json(r.local) if r.local is not None else None
+        row["referee"] = None if r.referee is None else {
+            "torch_error": _finite_or_none(r.referee.torch_error),
+            "onnx_error": _finite_or_none(r.referee.onnx_error),
+            "side": r.referee.side,
+        }
+        row["case"] = r.case
         layers.append(row)
 
     first = None
@@ -322,6 +347,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             ],
             "torch_attrs": _plain(fd.torch_attrs),
             "downstream_of_ignored": list(fd.downstream_of_ignored),
+            "case": fd.case,
         }
         if fd_index is not None:
             row = d.layers[fd_index]
@@ -380,6 +406,11 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "onnx_input_shape": _plain(f.onnx_input_shape),
         "vanishes_without_ort_optimisation": f.vanishes_without_ort_optimisation,
         "ort_optimisation_level": f.ort_optimisation_level,
+        "ort_rewrite": f.ort_rewrite,
+        "instrumentation_delta": _finite_or_none(f.instrumentation_delta),
+        "export_size": _plain(f.export_size),
+        "fp16": _fp16_json(f.fp16),
+        "fp16_fix": None if f.fp16_fix is None else {"path": f.fp16_fix[0], "verdict": f.fp16_fix[1]},
     }
 
     return {
@@ -405,6 +436,13 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         ],
         "unmatched": unmatched,
         "aliases": [{"module": a, "shares_with": b} for a, b in _aliases(d)],
+        "coverage": _plain(d.alignment.coverage()) if d.alignment else None,
+        "cases": [
+            {"label": c.label, "kind": c.kind, "shape": list(c.shape), "verdict": c.verdict,
+             "first_divergence": c.first_divergence,
+             "max_output_error": _finite_or_none(c.max_output_error), "note": c.note}
+            for c in d.cases
+        ],
         "masked": bool(d.masked),
         "model": model,
         "onnx": onnx,
@@ -551,8 +589,48 @@ def _status_title(r: LayerResult, status: str) -> str:
     return ""
 
 
+REFEREE_LABELS = {"onnx": "off: ONNX", "torch": "off: PyTorch", "noise": "noise"}
+
+
+def _referee_title(ref: Any) -> str:
+    """Hover text of a layer's float64 referee marker: both fp32 errors."""
+    return (f"vs a float64 PyTorch run: ONNX error {fmt_num(ref.onnx_error)}, PyTorch fp32 error "
+            f"{fmt_num(ref.torch_error)} (the layer's fp32 noise floor)")
+
+
+def _ratio(a: float, b: float) -> str:
+    """a / b as a compact factor ("3.2", "41", "1,250", "4.2e6")."""
+    q = a / b
+    if q < 10:
+        return f"{q:.1f}"
+    if q < 1e4:
+        return f"{q:,.0f}"
+    return fmt_num(q)
+
+
+def _referee_words(ref: Any) -> str:
+    """One sentence on which fp32 side a float64 PyTorch run finds off."""
+    on, to = float(ref.onnx_error), float(ref.torch_error)
+    pair = (f"ONNX is off by {fmt_num(on)}, PyTorch fp32 by {fmt_num(to)} (the layer's fp32 "
+            "rounding noise)")
+    if ref.side == "noise":
+        return (f"Against a float64 PyTorch run both fp32 sides are within a few times the layer's "
+                f"rounding noise: {pair}. Neither is clearly wrong.")
+    bad, good, bad_v, good_v = (("ONNX", "PyTorch fp32", on, to) if ref.side == "onnx"
+                                else ("PyTorch fp32", "ONNX", to, on))
+    if not math.isfinite(bad_v):
+        how = f"{bad} is non-finite where float64 is not, while {good} is off by {fmt_num(good_v)}"
+        return f"Against a float64 PyTorch run: {how}."
+    if good_v > 0 and math.isfinite(good_v):
+        how = f"{bad} is {_ratio(bad_v, good_v)}× further from float64 than {good} is"
+    else:
+        how = f"{bad} is off by {fmt_num(bad_v)}, {good} by {fmt_num(good_v)}"
+    return f"Against a float64 PyTorch run: {how}. {pair}."
+
+
 def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
     rows = []
+    several = len(d.cases) > 1
     for i, r in enumerate(d.layers):
         m, lm = r.metrics, r.local
         status = _status_of(r)
@@ -582,6 +660,10 @@ def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
                 "v_norm": "" if norm is None else _sortkey(norm, 3),
                 "v_lnorm": "" if lnorm is None else _sortkey(lnorm, 3),
                 "title": _status_title(r, status),
+                "ref": None if r.referee is None else (
+                    r.referee.side, REFEREE_LABELS.get(r.referee.side, r.referee.side),
+                    _referee_title(r.referee)),
+                "case": r.case if several else "",
             }
         )
     return rows
@@ -1041,6 +1123,49 @@ def _fd_errors(layer: LayerResult | None) -> dict[str, Any] | None:
             "words": words}
 
 
+METHOD_LABELS = {"weights~": "close weights"}
+
+
+def _coverage_line(d: Diagnosis) -> str:
+    """"40 module calls: 98% compared (scope 20, weights 18), 0% fused, 2% not paired"."""
+    if d.alignment is None:
+        return ""
+    c = d.alignment.coverage()
+    n = int(c["modules"])
+    if n == 0:
+        return ""
+
+    def pct(x: float) -> str:
+        if 0 < x < 0.01:
+            return "<1%"
+        if 0.99 < x < 1:
+            return ">99%"
+        return f"{x * 100:.0f}%"
+
+    by = sorted(c["by_method"].items(), key=lambda kv: -kv[1])
+    how = ", ".join(f"{METHOD_LABELS.get(m, m)} {k}" for m, k in by)
+    return (f"{n} module call{'s' if n != 1 else ''}: {pct(c['compared'])} compared"
+            + (f" ({how})" if how else "")
+            + f", {pct(c['fused'])} fused, {pct(c['unmatched'])} not paired")
+
+
+def _fp16(d: Diagnosis) -> dict[str, Any] | None:
+    """The float16 section: summary, layers to keep in fp32, the fix file's verdict."""
+    f = d.facts.fp16
+    if f is None:
+        return None
+    keep = []
+    for k in f.keep:
+        nodes = list(k.nodes)
+        shown = ", ".join(nodes[:3]) + (f", … +{len(nodes) - 3} more" if len(nodes) > 3 else "")
+        keep.append({"module": k.module, "nodes": shown, "all_nodes": ", ".join(nodes),
+                     "n": len(nodes), "reason": k.reason})
+    fix = d.facts.fp16_fix
+    return {"summary": f.summary(), "keep": keep, "clean": f.clean,
+            "fix": None if fix is None else {"path": fix[0], "verdict": fix[1],
+                                             "label": VERDICT_LABELS.get(fix[1], fix[1].upper())}}
+
+
 def _context(d: Diagnosis) -> dict[str, Any]:
     fd = d.first_divergence
     fd_index = _layer_index(d, fd)
@@ -1076,6 +1201,8 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         facts.append(("outputs changed after the hook", ", ".join(f.mutated_outputs)))
     if f.onnx_input_shape:
         facts.append(("ONNX input shape", fmt_shape(f.onnx_input_shape)))
+    if f.ort_rewrite:
+        facts.append(("onnxruntime rewrite", f"the optimiser turns this node into {f.ort_rewrite}"))
 
     previews = []
     for name, arr in (d.previews or {}).items():
@@ -1100,6 +1227,12 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "fd_index": fd_index,
         "fd_layer": fd_layer,
         "fd_errors": _fd_errors(fd_layer),
+        "fd_referee": None if fd_layer is None or fd_layer.referee is None
+        else _referee_words(fd_layer.referee),
+        "cases": list(d.cases) if len(d.cases) > 1 else [],
+        "cases_diverged": sum(1 for c in d.cases if c.verdict == "diverged"),
+        "coverage": _coverage_line(d),
+        "fp16": _fp16(d),
         "carried_after_fd": 0 if fd_index is None else sum(
             1 for r in d.layers[fd_index + 1:] if _status_of(r) == "propagated" and not r.ignored),
         "drift": drift,
