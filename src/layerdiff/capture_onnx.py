@@ -365,8 +365,20 @@ def _failure(exc: Exception) -> RuntimeFailure:
     message = str(exc).strip()
     match = _NODE_IN_MESSAGE.search(message)
     if match:
-        return RuntimeFailure(node=match.group(2), op_type=match.group(1), message=message)
-    return RuntimeFailure(node="", op_type="", message=message)
+        return RuntimeFailure(node=match.group(2), op_type=match.group(1), message=_readable(message))
+    return RuntimeFailure(node="", op_type="", message=_readable(message))
+
+
+_SOURCE_LOCATION = re.compile(r"^\S+\.(?:h|cc|cpp):\d+\s.*?\bwas false\.\s*", re.DOTALL)
+
+
+def _readable(message: str) -> str:
+    """onnxruntime's message without its prefix and C++ source location: what went wrong,
+    e.g. "The input tensor cannot be reshaped to the requested shape. Input shape:{...}"."""
+    text = message.split("Status Message:", 1)[-1].strip()
+    text = _SOURCE_LOCATION.sub("", text).strip()
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text or message
 
 
 def _upstream_only(graph: OnnxGraph, mark: list[str], failed_node: str) -> list[str]:
