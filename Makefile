@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.layerdiff-installed
 
-.PHONY: install demo test samples clean
+.PHONY: install demo test test-browser samples clean
 
 install: $(STAMP)
 
@@ -22,8 +22,13 @@ demo: $(STAMP)
 	status=$$?; [ $$status -le 1 ] || exit $$status
 	@echo "Open the report: layerdiff_report/demo.html"
 
+# The browser tests (tests/test_browser.py) drive the Debian chromium at /usr/bin/chromium
+# (apt-get install chromium; LAYERDIFF_CHROMIUM=PATH for another); without it they skip.
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-browser: $(STAMP)
+	$(PY) -m pytest tests/test_browser.py
 
 samples: $(STAMP)
 	$(PY) samples/make_samples.py
