@@ -181,6 +181,8 @@ def _report(args: argparse.Namespace) -> int:
             print(f"layerdiff: {stage}...", file=sys.stderr)
 
     default_dir = Path("layerdiff_report")
+    # The report path is known up front so the minimal reproducer can sit next to it.
+    report_path = output if output is not None else default_dir / f"{Path(args.model).stem}.html"
     sizes = None if args.check_sizes is None else tuple(s for s in args.check_sizes if s)
     diagnosis = diagnose(
         args.model, args.onnx, input_shape=args.input_shape, seed=args.seed,
@@ -192,11 +194,9 @@ def _report(args: argparse.Namespace) -> int:
         output_dir=output.parent if output else default_dir,
         trust_pickle=args.trust_pickle, ort_level=args.ort_level,
         ort_config=dict(args.ort_config), provider=args.provider,
-        progress=progress,
+        progress=progress, reproducer_for=report_path,
     )
-    if output is None:
-        stem = diagnosis.model.path.stem if diagnosis.model and diagnosis.model.path else "model"
-        output = default_dir / f"{stem}.html"
+    output = report_path
     render.write_html(diagnosis, output)
     if args.json:
         render.write_json(diagnosis, Path(args.json))
@@ -209,6 +209,8 @@ def _report(args: argparse.Namespace) -> int:
         print(f"report: {output}")
         if args.json:
             print(f"json:   {args.json}")
+        if diagnosis.reproducer:
+            print(f"minimal reproducer: {diagnosis.reproducer[0]} + {diagnosis.reproducer[1]}")
     if args.open:
         webbrowser.open(output.resolve().as_uri())
     return diagnosis.exit_code

@@ -239,6 +239,10 @@ def verdict(layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
     return "diverged", masked
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
               first: FirstDivergence | None, masked: bool, rtol: float, atol: float,
               unmatched: int) -> str:
@@ -273,9 +277,9 @@ def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[Ou
         at = f" on input {first.case}" if first.case else ""
         text = (f"The ONNX model diverges from PyTorch. The first divergence is at "
                 f"{first.module} ({first.module_type}, ONNX {first.op_type} '{first.onnx_node}')"
-                f"{at}: {how}. Of "
-                f"{len(counted)} compared layers, {causes} fail on their own and {carried} "
-                f"only carry error from upstream ({tolerance}).")
+                f"{at}: {how}. Of {len(counted)} compared layers, "
+                f"{_count(causes, 'fails', 'fail')} on {'its' if causes == 1 else 'their'} own and "
+                f"{_count(carried, 'only carries', 'only carry')} error from upstream ({tolerance}).")
         if first.downstream_of_ignored:
             text += (" It lies downstream of ignored layers that fail ("
                      + ", ".join(first.downstream_of_ignored[:3])

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_
+from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
 from .align import align, drop_misfits
 from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
@@ -62,6 +62,7 @@ def diagnose(
     ort_config: dict[str, str] | None = None,
     provider: str = "CPUExecutionProvider",
     progress: Progress | None = None,
+    reproducer_for: str | Path | None = None,
 ) -> Diagnosis:
     """Compare ``model`` with its ONNX export layer by layer and return a Diagnosis.
 
@@ -75,7 +76,9 @@ def diagnose(
     ``fp16_method``: "convert" with onnxconverter-common, "half" as model.half() then
     export); ``fix_fp16`` writes a mixed-precision file keeping the layers that need
     fp32 and checks it. Tolerances default to 1e-3 / 1e-5 (fp16: 1e-2 / 1e-3). Raises
-    LayerdiffError for input the user must fix.
+    LayerdiffError for input the user must fix. With ``reproducer_for`` (the report's
+    path) and a numeric first divergence, the minimal reproducer (reproducer.py) is
+    written next to it and named in the notes.
     """
     rtol = rtol if rtol is not None else (1e-2 if fp16 else 1e-3)
     atol = atol if atol is not None else (1e-3 if fp16 else 1e-5)
@@ -174,6 +177,16 @@ def diagnose(
         notes.append("No submodule outputs were captured (TorchScript modules take no forward "
                      "hooks): only the final outputs are compared.")
     notes += [n for r in results for n in r.notes]
+    # --- previews and minimal reproducer of the first divergence (numeric kinds only)
+    previews: dict[str, np.ndarray] = {}
+    written = None
+    if first is not None and first_case is not None and first.kind in repro.KINDS:
+        previews = _previews(first_case)
+        if reproducer_for is not None:
+            say("writing the minimal reproducer")
+            note, written = _write_reproducer(graph, first_case, reproducer_for)
+            if written is None:  # say why it is missing; when written, the record holds it
+                notes.append(note)
 
     diagnosis = Diagnosis(
         verdict=verdict,
@@ -183,7 +196,8 @@ def diagnose(
         outputs=tuple(outputs), layers=tuple(layers), first_divergence=first, masked=masked,
         alignment=main.alignment, calls=tuple(main.calls),
         cases=tuple(r.summary() for r in results) + tuple(skipped) if len(results) + len(skipped) > 1 else (),
-        facts=facts, notes=tuple(dict.fromkeys(notes)),
+        facts=facts, notes=tuple(dict.fromkeys(n for n in notes if n)), previews=previews,
+        reproducer=written,
     )
     return replace(diagnosis, suggestions=suggest(diagnosis))
 
@@ -248,6 +262,8 @@ class _Case:
     input_mutated: bool
     training_modules: tuple[str, ...]
     notes: list[str]
+    # ONNX value (whole-graph run) of this input's first diverging tensor, for previews.
+    first_onnx: np.ndarray | None = None
 
     def summary(self) -> CaseResult:
         verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
@@ -286,9 +302,13 @@ class _CaseRunner:
         outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs,
                                        rtol=s.rtol, atol=s.atol, noise=output_noise)
         first = judge.first_divergence(layers, graph, alignment, captured.calls, run.failure)
-        return _Case(case.label, case.kind, case.tensor, feeds, captured.calls, captured.activations,
-                     alignment, layers, outputs, first, run.failure, run.outputs,
-                     captured.outputs, captured.input_mutated, training, notes)
+        result = _Case(case.label, case.kind, case.tensor, feeds, captured.calls, captured.activations,
+                       alignment, layers, outputs, first, run.failure, run.outputs,
+                       captured.outputs, captured.input_mutated, training, notes)
+        pair = _first_pair(result)
+        if pair is not None:  # keep only this one tensor of the run's values
+            result.first_onnx = run.values.get(pair.onnx_tensor)
+        return result
 
     def _referee(self, case: cases_.Case, captured, notes: list[str]):
         """PyTorch fp32's own error against float64 per call and per output, and the
@@ -431,6 +451,77 @@ def _position(case: _Case) -> int:
     if layer is not None:
         return layer.order
     return next((p.order for p in case.alignment.pairs if p.onnx_node == first.onnx_node), 10**9)
+
+
+# --------------------------------------------------------------------------- previews, reproducer
+
+PREVIEW_SIDE = 256  # larger |diff| maps are reduced (block max) to about this many pixels
+
+
+def _first_pair(case: _Case):
+    """The alignment pair of the case's first divergence, when it is a failing layer."""
+    first = case.first
+    if first is None or first.kind not in repro.KINDS:
+        return None
+    layer = next((l for l in case.layers if l.module == first.module and l.status == "fail"), None)
+    if layer is None:
+        return None
+    return next((p for p in case.alignment.pairs if p.onnx_tensor == layer.onnx_tensor
+                 and case.calls[p.call].label == layer.module), None)
+
+
+def _previews(case: _Case) -> dict[str, np.ndarray]:
+    """|torch - onnx| of the first diverging layer and of the final output, small 2-D maps."""
+    previews = {}
+    pair = _first_pair(case)
+    if pair is not None and case.first_onnx is not None:
+        diff = _diff_map(case.activations[pair.call], case.first_onnx)
+        if diff is not None:
+            previews[f"first divergence |diff|: {case.calls[pair.call].label}"] = diff
+    if case.final_outputs and case.torch_outputs:
+        diff = _diff_map(case.torch_outputs[0], case.final_outputs[0])
+        if diff is not None:
+            previews["final output |diff|"] = diff
+    return previews
+
+
+def _diff_map(torch_value: np.ndarray, onnx_value: np.ndarray) -> np.ndarray | None:
+    """First batch item, max over channels (N,C,H,W), block max down to ~PREVIEW_SIDE."""
+    if torch_value.shape != onnx_value.shape or not torch_value.size:
+        return None
+    diff = np.abs(torch_value.astype(np.float32) - onnx_value.astype(np.float32))
+    if diff.ndim == 4:
+        diff = diff[0].max(axis=0)
+    elif diff.ndim == 3:
+        diff = diff[0]
+    elif diff.ndim > 4:
+        diff = diff[0].reshape(-1, *diff.shape[-2:]).max(axis=0)
+    diff = np.atleast_2d(diff)
+    h, w = diff.shape
+    sy, sx = -(-h // PREVIEW_SIDE), -(-w // PREVIEW_SIDE)
+    if sy > 1 or sx > 1:
+        padded = np.zeros((-(-h // sy) * sy, -(-w // sx) * sx), dtype=diff.dtype)
+        padded[:h, :w] = diff
+        diff = padded.reshape(padded.shape[0] // sy, sy, padded.shape[1] // sx, sx).max(axis=(1, 3))
+    return np.ascontiguousarray(diff)
+
+
+def _write_reproducer(graph: capture_onnx.OnnxGraph, case: _Case, report: str | Path):
+    """Write the first divergence's minimal reproducer next to ``report``: (note, paths)."""
+    pair = _first_pair(case)
+    if pair is None:
+        return "", None
+    aligned = {p.onnx_tensor: p.call for p in reversed(case.alignment.pairs)}
+    values = {}
+    for name in repro.boundary(graph, pair.onnx_tensor, set(aligned)):
+        values[name] = case.feeds[name] if name in case.feeds else case.activations[aligned[name]]
+    try:
+        parts = repro.build(graph, pair.onnx_tensor, values, case.activations[pair.call],
+                            case.calls[pair.call].label)
+        onnx_path, npz_path = repro.write(parts, report)
+        return "", (str(onnx_path), str(npz_path))
+    except Exception as exc:  # an extra; the diagnosis stands without it
+        return f"No minimal reproducer was written: {exc}", None
 
 
 # --------------------------------------------------------------------------- helpers

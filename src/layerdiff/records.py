@@ -303,6 +303,8 @@ class Diagnosis:
     facts: Facts = Facts()
     notes: tuple[str, ...] = ()
     error: str | None = None
+    # Minimal reproducer of the first divergence written next to the report: (.onnx, .npz)
+    reproducer: tuple[str, str] | None = None
     # Small arrays the report shows (|diff| of the first divergence, ...), never serialised.
     previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 

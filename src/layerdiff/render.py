@@ -437,6 +437,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "unmatched": unmatched,
         "aliases": [{"module": a, "shares_with": b} for a, b in _aliases(d)],
         "coverage": _plain(d.alignment.coverage()) if d.alignment else None,
+        "reproducer": None if d.reproducer is None else {"onnx": d.reproducer[0], "npz": d.reproducer[1]},
         "cases": [
             {"label": c.label, "kind": c.kind, "shape": list(c.shape), "verdict": c.verdict,
              "first_divergence": c.first_divergence,
@@ -1242,6 +1243,9 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "counts": counts,
         "chart": _chart(d, fd_index),
         "aliases": _aliases(d),
+        # Written next to the report, so linked by file name.
+        "reproducer": None if d.reproducer is None else {
+            "onnx": Path(d.reproducer[0]).name, "npz": Path(d.reproducer[1]).name},
         "unmatched_torch": list(al.unmatched_torch) if al else [],
         "unmatched_onnx": list(al.unmatched_onnx) if al else [],
         "has_scopes": al.has_scopes if al else None,
