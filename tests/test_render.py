@@ -1093,3 +1093,124 @@ def test_big_rich_is_fast():
     assert time.perf_counter() - t0 < 10
     assert html.count('<tr id="layer-') == 5000
     assert len(html) < 7_000_000
+
+
+# ------------------------------------------------------------------ neighbourhood graph
+
+
+def _with_graph(d: Diagnosis, extra_producers: int = 0) -> Diagnosis:
+    """make_diverged with a chain of producers and every call paired with its layer."""
+    fd_at = next(c.index for c in d.calls if c.label == d.first_divergence.module)
+    calls = []
+    for c in d.calls:
+        prods: tuple[int, ...] = (c.index - 1,) if c.index else (-1,)
+        if c.index == fd_at:
+            prods = (c.index - 1, 0) + tuple(range(1, 1 + extra_producers))
+        calls.append(dataclasses.replace(c, producers=prods))
+    rows = {r.module: r for r in d.layers}
+    pairs = tuple(Pair(c.index, rows[c.label].onnx_tensor, rows[c.label].onnx_node,
+                       rows[c.label].op_type, rows[c.label].order, "scope")
+                  for c in d.calls if c.label in rows)
+    return dataclasses.replace(d, calls=tuple(calls),
+                               alignment=dataclasses.replace(d.alignment, pairs=pairs))
+
+
+def _nb_svg(html: str) -> str:
+    m = re.search(r'<svg class="nb-svg".*?</svg>', html, re.S)
+    assert m, "no neighbourhood graph"
+    return m.group(0)
+
+
+def test_neighbourhood_graph_shows_both_sides_and_links():
+    d = _with_graph(make_diverged())
+    svg = _nb_svg(render.render_html(d))
+    assert "<script" not in svg and "http" not in svg.replace('xmlns="http', "")
+    # PyTorch: the producers, the diverging module, the module it fed, each coloured by status
+    assert re.search(r'<g class="nb-box nb-pass" data-role="up"><title>conv_body \(Conv2d\)', svg)
+    assert re.search(r'<g class="nb-box nb-pass" data-role="up"><title>conv_first \(Conv2d\)', svg)
+    assert re.search(r'<g class="nb-box nb-fail nb-fd" data-role="fd"><title>upsample \(Upsample\)', svg)
+    assert re.search(r'<g class="nb-box nb-propagated" data-role="down"><title>conv_up1 \(Conv2d\)', svg)
+    # ONNX: the region in order, the aligned upstream / downstream nodes
+    region = re.findall(r'nb-region nb-fd" data-role="fd"><title>([^ ]+)', svg)
+    assert region == ["/upsample/Constant", "/upsample/Resize"]
+    for node in ("/conv_body/Conv", "/conv_first/Conv", "/conv_up1/Conv"):
+        assert f"<title>{node} (Conv)" in svg
+    # dashed links: conv_first, conv_body, upsample, conv_up1 with their ONNX nodes
+    assert svg.count('class="nb-link"') == 4
+    n = render._neighbourhood(d, d.first_divergence)
+    assert n["links"] == 4 and n["torch"] == 4 and n["onnx"] == 5
+
+
+def test_neighbourhood_graph_caps_and_edge_cases():
+    d = _with_graph(make_diverged(), extra_producers=12)
+    n = render._neighbourhood(d, d.first_divergence)
+    assert n["torch"] <= render.NB_CAP and n["onnx"] <= render.NB_CAP
+    assert re.search(r"\+\d+ more", str(n["svg"]))
+    # no calls recorded, or the module is not among them: no graph, the page still renders
+    assert render._neighbourhood(dataclasses.replace(d, calls=()), d.first_divergence) is None
+    assert render._neighbourhood(d, None) is None
+    other = dataclasses.replace(d.first_divergence, module="nowhere")
+    assert render._neighbourhood(d, other) is None
+    # the last module feeds nothing: said in words; no pairs at all: no links, no crash
+    last = d.calls[-1]
+    fd = dataclasses.replace(d.first_divergence, module=last.label, onnx_node="/conv_last/Conv",
+                             op_type="Conv", region=())
+    bare = dataclasses.replace(d, alignment=None)
+    n = render._neighbourhood(bare, fd)
+    # only the diverging module's own link to its ONNX node is left
+    assert "no module takes its output directly" in str(n["svg"]) and n["links"] == 1
+    assert 'id="nb-svg"' in render.render_html(make_runtime_error())  # no producers recorded
+    # names are escaped
+    evil = dataclasses.replace(d, calls=tuple(dataclasses.replace(c, module_type="<b>x</b>")
+                                              for c in d.calls))
+    assert "<b>x</b>" not in str(render._neighbourhood(evil, evil.first_divergence)["svg"])
+
+
+# ------------------------------------------------------------------ error histograms
+
+
+def _hist_svgs(html: str) -> list[str]:
+    return re.findall(r'<svg class="hist-svg".*?</svg>', html, re.S)
+
+
+def test_histogram_from_preview_maps_marks_the_tolerance():
+    d = make_diverged()  # one |diff| map, named like no output: tolerance is atol alone
+    html = render.render_html(d)
+    svgs = _hist_svgs(html)
+    assert len(svgs) == 1 and html.count("data:image/png;base64,") == 1
+    assert svgs[0].count('class="hist-bar') == render.HIST_BINS
+    assert 'class="hist-tol"' in svgs[0] and "1e-9" in svgs[0]
+    arr = np.array([[0.0, 1e-12, 2e-6], [5e-4, 0.02, np.nan]])
+    edges, counts, below, nonfinite = render._hist_counts(arr)
+    assert len(edges) == render.HIST_BINS + 1 and edges[0] == pytest.approx(1e-9)
+    assert edges[-1] == pytest.approx(0.02)
+    assert counts.sum() == 3 and below == 2 and nonfinite == 1
+    for hi in (0.0123456789, 7.77e-3, 1.3e-5):  # the max always lands in the last bin
+        vals = np.linspace(1e-8, hi, 1001)
+        e, c, b, _ = render._hist_counts(vals)
+        assert c.sum() + b == vals.size and c[-1] >= 1
+
+
+def test_histogram_entries_render_as_bar_charts_with_layer_tolerance():
+    d = make_diverged()
+    edges = np.logspace(-9, -1, 9)
+    counts = np.array([0, 1, 2, 4, 8, 16, 300, 5, np.nan])  # n counts + one pad
+    fd_name = f"first divergence |diff|: {d.first_divergence.module}"
+    d = dataclasses.replace(d, previews={
+        fd_name: np.full((8, 8), 0.04),
+        "histogram: " + fd_name: np.stack([edges, counts]),
+        "final output |diff|": np.full((8, 8), 5e-3),
+        "histogram: broken": np.array([[1.0, 0.5], [3, 4]]),  # edges not increasing: skipped
+    })
+    html = render.render_html(d)
+    assert html.count("data:image/png;base64,") == 2  # histogram entries are no heat maps
+    svgs = _hist_svgs(html)
+    assert len(svgs) == 2  # the explicit one replaces the binned fd map; the output's is binned
+    assert svgs[0].count('class="hist-bar') == 8
+    row = next(r for r in d.layers if r.module == d.first_divergence.module)
+    tol = d.settings.atol + d.settings.rtol * row.metrics.scale
+    assert f"tol {render.fmt_num(tol)}" in svgs[0]
+    out = d.outputs[0].metrics
+    assert f"tol {render.fmt_num(d.settings.atol + d.settings.rtol * out.scale)}" in svgs[1]
+    assert 'class="hist-bar bad"' in svgs[0]  # 0.01…0.1 lies beyond the tolerance
+    assert "binned from the preview map" in html
