@@ -1214,3 +1214,31 @@ def test_histogram_entries_render_as_bar_charts_with_layer_tolerance():
     assert f"tol {render.fmt_num(d.settings.atol + d.settings.rtol * out.scale)}" in svgs[1]
     assert 'class="hist-bar bad"' in svgs[0]  # 0.01…0.1 lies beyond the tolerance
     assert "binned from the preview map" in html
+
+
+def test_layer_table_lists_fused_and_unpaired_modules_from_a_real_diagnosis(tmp_path):
+    """A folded BatchNorm: its Conv gets a "fused" row with the reason, after the compared layers."""
+    import torch
+
+    from layerdiff import diagnose
+
+    class ConvBN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-1, 1)
+                self.bn.running_var.uniform_(0.5, 2)
+            self.conv2 = torch.nn.Conv2d(8, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(self.bn(self.conv1(x)))
+
+    d = diagnose(ConvBN().eval(), input_shape=(1, 3, 16, 16), exporter="legacy",
+                 output_dir=tmp_path, check_sizes=())
+    html = render.render_html(d)
+    table = html[html.index('id="layers"'):html.index('id="unmatched"')]
+    assert 'id="unpaired-0" class="s-fused"' in table
+    assert "fused into ONNX node" in table and ">conv1<" in table
+    assert table.index('id="unpaired-0"') > table.index('id="layer-0"')

@@ -672,6 +672,26 @@ def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
     return rows
 
 
+def _unpaired_rows(d: Diagnosis) -> list[dict[str, Any]]:
+    """Modules with no ONNX tensor of their own, as table rows: "fused" into another
+    module's node, or "not paired" with the reason."""
+    if d.alignment is None:
+        return []
+    by_label = {c.label: c for c in d.calls}
+    rows = []
+    for u in d.alignment.unmatched_torch:
+        call = by_label.get(u.name)
+        fused = u.reason.startswith("fused into")
+        rows.append({
+            "name": u.name, "reason": u.reason,
+            "module_type": call.module_type if call else "",
+            "shape": fmt_shape(call.shape) if call else "–",
+            "status": "fused" if fused else "unmatched",
+            "label": "fused" if fused else "not paired",
+        })
+    return rows
+
+
 def _sortkey(x: Any, digits: int = 9) -> str:
     """Numeric sort value for a data- attribute: NaN and inf sort as huge, None as ''.
 
@@ -1581,6 +1601,7 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "fd_kind": KIND_LABELS.get(fd.kind, fd.kind) if fd else "",
         "fd_suggestions": fd_suggestions,
         "rows": rows,
+        "unpaired_rows": _unpaired_rows(d),
         "counts": counts,
         "chart": _chart(d, fd_index),
         "aliases": _aliases(d),
