@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from layerdiff import render
+from layerdiff import render, report_format, report_visuals
 from layerdiff.fp16 import Fp16Findings, Fp16Layer, KeepFp32
 from layerdiff.records import (
     Alignment,
@@ -836,7 +836,7 @@ def test_chart_zero_lane_and_line_skip():
     html = render.render_html(d)
     chart = _section(html, "chart", "layers")
     assert 'class="zero-label">0<' in chart and "exactly zero" in chart
-    c = render._chart(d, None)
+    c = report_visuals._chart(d, None)
     zeros = sum(1 for r in d.layers if r.local is not None and r.local.max_abs == 0 and not r.ignored)
     # the dashed line passes over exact zeros instead of dropping to the lane
     assert c["local_line"].count("L") + c["local_line"].count("M") == sum(
@@ -886,9 +886,9 @@ def test_chart_similar_own_errors_hint():
                                                                                passed=False))
               if r.op_type == "Conv" else r for i, r in enumerate(d.layers)]
     d = dataclasses.replace(d, layers=tuple(layers))
-    reading = " ".join(render._chart(d, None)["reading"])
+    reading = " ".join(report_visuals._chart(d, None)["reading"])
     assert "own errors are all of similar size" in reading
-    assert "own errors are all of similar size" not in " ".join(render._chart(make_diverged(), None)["reading"])
+    assert "own errors are all of similar size" not in " ".join(report_visuals._chart(make_diverged(), None)["reading"])
 
 
 def test_banner_and_card_own_vs_total(diverged: Diagnosis):
@@ -966,7 +966,7 @@ CASES = (
 def make_rich(n_cases: int = 3) -> Diagnosis:
     """The diverged fixture with a float64 referee, several inputs, pairs, fp16 findings."""
     d = make_diverged()
-    fd_at = render._layer_index(d, d.first_divergence)
+    fd_at = report_format._layer_index(d, d.first_divergence)
     layers = []
     for i, r in enumerate(d.layers):
         side = "onnx" if i == fd_at else "torch" if i == 1 else "noise"
@@ -1137,33 +1137,33 @@ def test_neighbourhood_graph_shows_both_sides_and_links():
         assert f"<title>{node} (Conv)" in svg
     # dashed links: conv_first, conv_body, upsample, conv_up1 with their ONNX nodes
     assert svg.count('class="nb-link"') == 4
-    n = render._neighbourhood(d, d.first_divergence)
+    n = report_visuals._neighbourhood(d, d.first_divergence)
     assert n["links"] == 4 and n["torch"] == 4 and n["onnx"] == 5
 
 
 def test_neighbourhood_graph_caps_and_edge_cases():
     d = _with_graph(make_diverged(), extra_producers=12)
-    n = render._neighbourhood(d, d.first_divergence)
-    assert n["torch"] <= render.NB_CAP and n["onnx"] <= render.NB_CAP
+    n = report_visuals._neighbourhood(d, d.first_divergence)
+    assert n["torch"] <= report_visuals.NB_CAP and n["onnx"] <= report_visuals.NB_CAP
     assert re.search(r"\+\d+ more", str(n["svg"]))
     # no calls recorded, or the module is not among them: no graph, the page still renders
-    assert render._neighbourhood(dataclasses.replace(d, calls=()), d.first_divergence) is None
-    assert render._neighbourhood(d, None) is None
+    assert report_visuals._neighbourhood(dataclasses.replace(d, calls=()), d.first_divergence) is None
+    assert report_visuals._neighbourhood(d, None) is None
     other = dataclasses.replace(d.first_divergence, module="nowhere")
-    assert render._neighbourhood(d, other) is None
+    assert report_visuals._neighbourhood(d, other) is None
     # the last module feeds nothing: said in words; no pairs at all: no links, no crash
     last = d.calls[-1]
     fd = dataclasses.replace(d.first_divergence, module=last.label, onnx_node="/conv_last/Conv",
                              op_type="Conv", region=())
     bare = dataclasses.replace(d, alignment=None)
-    n = render._neighbourhood(bare, fd)
+    n = report_visuals._neighbourhood(bare, fd)
     # only the diverging module's own link to its ONNX node is left
     assert "no module takes its output directly" in str(n["svg"]) and n["links"] == 1
     assert 'id="nb-svg"' in render.render_html(make_runtime_error())  # no producers recorded
     # names are escaped
     evil = dataclasses.replace(d, calls=tuple(dataclasses.replace(c, module_type="<b>x</b>")
                                               for c in d.calls))
-    assert "<b>x</b>" not in str(render._neighbourhood(evil, evil.first_divergence)["svg"])
+    assert "<b>x</b>" not in str(report_visuals._neighbourhood(evil, evil.first_divergence)["svg"])
 
 
 # ------------------------------------------------------------------ error histograms
@@ -1178,16 +1178,16 @@ def test_histogram_from_preview_maps_marks_the_tolerance():
     html = render.render_html(d)
     svgs = _hist_svgs(html)
     assert len(svgs) == 1 and html.count("data:image/png;base64,") == 1
-    assert svgs[0].count('class="hist-bar') == render.HIST_BINS
+    assert svgs[0].count('class="hist-bar') == report_visuals.HIST_BINS
     assert 'class="hist-tol"' in svgs[0] and "1e-9" in svgs[0]
     arr = np.array([[0.0, 1e-12, 2e-6], [5e-4, 0.02, np.nan]])
-    edges, counts, below, nonfinite = render._hist_counts(arr)
-    assert len(edges) == render.HIST_BINS + 1 and edges[0] == pytest.approx(1e-9)
+    edges, counts, below, nonfinite = report_visuals._hist_counts(arr)
+    assert len(edges) == report_visuals.HIST_BINS + 1 and edges[0] == pytest.approx(1e-9)
     assert edges[-1] == pytest.approx(0.02)
     assert counts.sum() == 3 and below == 2 and nonfinite == 1
     for hi in (0.0123456789, 7.77e-3, 1.3e-5):  # the max always lands in the last bin
         vals = np.linspace(1e-8, hi, 1001)
-        e, c, b, _ = render._hist_counts(vals)
+        e, c, b, _ = report_visuals._hist_counts(vals)
         assert c.sum() + b == vals.size and c[-1] >= 1
 
 

@@ -1,0 +1,178 @@
+"""Number, shape and status formatting shared by the report modules
+(:mod:`layerdiff.render` and :mod:`layerdiff.report_visuals`).
+
+Pure functions of their arguments; no HTML, no drawing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .records import Diagnosis, FirstDivergence, LayerResult, Metrics
+
+
+# =========================================================================== numbers
+
+
+def _finite_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def fmt_num(x: Any) -> str:
+    """Compact number: 3 significant digits, scientific when small or very large.
+
+    ``None`` -> "–", NaN -> "NaN", infinities -> "inf" / "-inf", 0 -> "0".
+    """
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return str(x)
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "inf" if f > 0 else "-inf"
+    if f == 0:
+        return "0"
+    a = abs(f)
+    if 1e3 <= a < 1e5:
+        return f"{f:.0f}"
+    if 1e-3 <= a < 1e3:
+        s = f"{f:.3g}"
+        if "e" not in s:
+            return s
+    mant, exp = f"{f:.2e}".split("e")
+    if "." in mant:
+        mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+def fmt_cos(x: Any) -> str:
+    """Cosine similarity: fixed 6 decimals (it lives next to 1), NaN/None as fmt_num."""
+    f = _finite_or_none(x)
+    if f is None:
+        return fmt_num(x)
+    return f"{f:.6f}"
+
+
+def fmt_pct(x: Any) -> str:
+    """A share in [0, 1] as a compact percentage."""
+    f = _finite_or_none(x)
+    if f is None:
+        return fmt_num(x)
+    if f == 0:
+        return "0%"
+    if f < 1e-4:
+        return "<0.01%"
+    return f"{f * 100:.3g}%"
+
+
+def fmt_shape(shape: Any, sep: str = "×") -> str:
+    if shape is None:
+        return "–"
+    shape = tuple(shape)
+    if not shape:
+        return "scalar"
+    return sep.join("?" if s is None else str(s) for s in shape)
+
+
+def fmt_shapes(m: Metrics | None, sep: str = "×") -> str:
+    if m is None:
+        return "–"
+    a, b = tuple(m.shape_torch), tuple(m.shape_onnx)
+    if a == b:
+        return fmt_shape(a, sep)
+    return f"{fmt_shape(a, sep)} vs {fmt_shape(b, sep)}"
+
+
+def fmt_value(v: Any, limit: int = 160) -> str:
+    """Short human rendering of an attribute value (ONNX or torch)."""
+    if isinstance(v, (bytes, bytearray)):
+        try:
+            v = bytes(v).decode("utf-8")
+        except UnicodeDecodeError:
+            v = f"<{len(v)} bytes>"
+    if isinstance(v, np.ndarray):
+        if v.size <= 16:
+            v = v.tolist()
+        else:
+            return f"array(shape={fmt_shape(v.shape, 'x')}, dtype={v.dtype})"
+    if isinstance(v, float):
+        s = fmt_num(v)
+    elif isinstance(v, (list, tuple)):
+        inner = ", ".join(fmt_value(x, limit) for x in v)
+        s = f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
+    elif isinstance(v, Mapping):
+        s = "{" + ", ".join(f"{k}: {fmt_value(x, limit)}" for k, x in v.items()) + "}"
+    else:
+        s = str(v)
+    if len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return s
+
+
+# =========================================================================== status
+
+
+def _layer_index(d: Diagnosis, fd: FirstDivergence | None) -> int | None:
+    """Position in d.layers of the first divergence's row, if there is one."""
+    if fd is None:
+        return None
+    candidates = [i for i, r in enumerate(d.layers) if r.module == fd.module]
+    for i in candidates:
+        if d.layers[i].onnx_node == fd.onnx_node:
+            return i
+    if candidates:
+        return candidates[0]
+    for i, r in enumerate(d.layers):
+        if r.onnx_node == fd.onnx_node:
+            return i
+    return None
+
+
+STATUS_LABELS = {
+    "pass": "pass",
+    "fail": "fail",
+    "propagated": "propagated",
+    "ignored": "ignored",
+    "not_run": "not run",
+}
+
+
+def _status_of(r: LayerResult) -> str:
+    """The layer's status; derived from its metrics for records that carry none."""
+    if r.status:
+        return r.status
+    if r.metrics is None:
+        return "not_run"
+    return "pass" if r.metrics.passed else "fail"
+
+
+def _normalised(m: Metrics | None) -> float | None:
+    """max_abs / scale (scale 0 -> max_abs); inf for non-finite errors; None without metrics."""
+    if m is None:
+        return None
+    err = float(m.max_abs)
+    if not math.isfinite(err):
+        return math.inf
+    scale = float(m.scale) if m.scale is not None else 0.0
+    if not math.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    return err / scale
+
+
+def _fd_layer(d: Diagnosis, fd_index: int | None) -> LayerResult | None:
+    return None if fd_index is None else d.layers[fd_index]
