@@ -63,6 +63,14 @@ class OnnxGraph:
         index = self.producer.get(tensor)
         return None if index is None else self.nodes[index]
 
+    def descendants(self, index: int) -> set[str]:
+        """Every tensor computed, directly or not, from node ``index``'s outputs."""
+        tainted = set(self.nodes[index].outputs)
+        for node in self.nodes[index + 1:]:
+            if any(i in tainted for i in node.inputs):
+                tainted.update(node.outputs)
+        return tainted
+
 
 @dataclass(frozen=True)
 class RuntimeFailure:
@@ -291,11 +299,7 @@ def optimised_producer(graph: OnnxGraph, node_name: str, *, level: str, provider
     node = next((n for n in graph.nodes if n.name == node_name), None)
     if node is None or not node.outputs:
         return ""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    options.log_severity_level = 4
-    for key, value in config:
-        options.add_session_config_entry(key, value)
+    options = _options(level, config)
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
         try:
@@ -337,13 +341,18 @@ def _instrumented(graph: OnnxGraph, mark: list[str], *, keep_outputs: bool) -> b
     return gs.export_onnx(g).SerializeToString()
 
 
-def _session(model: bytes, level: str, provider: str,
-             config: tuple[tuple[str, str], ...] = ()) -> ort.InferenceSession:
+def _options(level: str, config: tuple[tuple[str, str], ...]) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.log_severity_level = 4  # failures reach us as exceptions; keep stderr clean
     for key, value in config:  # session options the user deploys with
         options.add_session_config_entry(key, value)
+    return options
+
+
+def _session(model: bytes, level: str, provider: str,
+             config: tuple[tuple[str, str], ...] = ()) -> ort.InferenceSession:
+    options = _options(level, config)
     try:
         return ort.InferenceSession(model, options, providers=[provider])
     except Exception as exc:
@@ -386,9 +395,6 @@ def _upstream_only(graph: OnnxGraph, mark: list[str], failed_node: str) -> list[
     start = next((n for n in graph.nodes if n.name == failed_node), None)
     if start is None:
         return []
-    tainted: set[str] = set(start.outputs)
-    for node in graph.nodes[start.index + 1:]:
-        if any(i in tainted for i in node.inputs):
-            tainted.update(node.outputs)
+    tainted = graph.descendants(start.index)
     return [m for m in mark if m not in tainted and m in graph.producer]
 

@@ -165,7 +165,7 @@ def _runtime(failure, node, layers, graph, alignment, calls) -> FirstDivergence:
     module, module_type, attrs = "", "", {}
     if node is not None:
         # The module whose output is the first aligned tensor computed from the failing node.
-        tainted = _descendant_tensors(graph, node.index)
+        tainted = graph.descendants(node.index)
         owner = next((l for l in layers if l.onnx_tensor in tainted), None)
         if owner is not None:
             module, module_type = owner.module, owner.module_type
@@ -200,18 +200,10 @@ def _region(graph: OnnxGraph, start: int, alignment: Alignment) -> tuple[OnnxNod
                  for i in sorted(seen) if graph.nodes[i].op_type != "Constant")
 
 
-def _descendant_tensors(graph: OnnxGraph, start: int) -> set[str]:
-    tainted = set(graph.nodes[start].outputs)
-    for node in graph.nodes[start + 1:]:
-        if any(i in tainted for i in node.inputs):
-            tainted.update(node.outputs)
-    return tainted
-
-
 def _ignored_failing_ancestors(layer: LayerResult, layers, graph: OnnxGraph) -> tuple[str, ...]:
     suspects = [l for l in layers if l.ignored and l.order < layer.order and not _own_pass(l)]
     return tuple(l.module for l in suspects
-                 if layer.onnx_tensor in _descendant_tensors(graph, graph.producer[l.onnx_tensor]))
+                 if layer.onnx_tensor in graph.descendants(graph.producer[l.onnx_tensor]))
 
 
 def _own_pass(layer: LayerResult) -> bool:

@@ -214,9 +214,7 @@ def explain_alignment(
     return captured.calls, align(captured.calls, captured.parameters, graph)
 
 
-def make_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Uniform values in [0, 1], like an image, reproducible from ``seed``."""
-    return cases_.random_input(shape, seed)
+make_input = cases_.random_input  # uniform [0, 1] input, reproducible from its seed
 
 
 def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
@@ -283,7 +281,6 @@ class _CaseRunner:
     def run(self, case: cases_.Case) -> _Case:
         s, graph, module = self.settings, self.graph, self.loaded.module
         feeds = _feeds(graph, case.tensor, self.loaded)
-        training = capture_torch.training_modules(module) if isinstance(module, torch.nn.Module) else ()
         captured = capture_torch.capture(module, case.tensor)
         alignment = align(captured.calls, captured.parameters, graph)
         run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
@@ -304,7 +301,7 @@ class _CaseRunner:
         first = judge.first_divergence(layers, graph, alignment, captured.calls, run.failure)
         result = _Case(case.label, case.kind, case.tensor, feeds, captured.calls, captured.activations,
                        alignment, layers, outputs, first, run.failure, run.outputs,
-                       captured.outputs, captured.input_mutated, training, notes)
+                       captured.outputs, captured.input_mutated, captured.training_modules, notes)
         pair = _first_pair(result)
         if pair is not None:  # keep only this one tensor of the run's values
             result.first_onnx = run.values.get(pair.onnx_tensor)
