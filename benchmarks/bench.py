@@ -1,25 +1,51 @@
 """Wall time and peak memory of layerdiff against the floor and the alternatives.
 
-    python benchmarks/bench.py --arch esrgan --blocks 23 --sizes 64 128
-    python benchmarks/bench.py --arch swinir --sizes 64
+Reproduce (CPU; sizes default to 128 256 for esrgan, 64 128 for swinir):
+
+    python benchmarks/bench.py --arch esrgan
+    python benchmarks/bench.py --arch swinir
+    python benchmarks/bench.py --arch esrgan --blocks 1 --sizes 32 --verify-timeout 60  # smoke test
+
+Models, random weights (``torch.manual_seed(0)``):
+- esrgan: spandrel ``ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=4)``,
+  the standard size (``--blocks`` for a smaller one);
+- swinir: spandrel SwinIR, lightweight x2 configuration (SwinIR-light).
+
+Before any timing, the model's state dict is saved once with ``torch.save`` as a .pth, and
+the model is exported to ONNX once per size (dynamo exporter, legacy if it fails), both into
+a temporary folder. Neither is part of any method's time.
 
 Methods, each run in its own process so that its peak memory (max RSS) is its own:
-- floor: one PyTorch forward plus one onnxruntime forward of the same model and input;
-- layerdiff: ``layerdiff.diagnose(model, onnx)`` with its defaults for the given size
-  (float64 referee on, no extra size: ``check_sizes=()``);
+- floor: one PyTorch forward plus one onnxruntime forward (session creation included) of
+  the same model and input;
+- layerdiff: the real command line, in-process: ``layerdiff.cli.main(["report", MODEL.pth,
+  "--onnx", ONNX, "--input-shape", "1,3,S,S", "-o", "report-S.html", "--json",
+  "report-S.json", "-q", *LAYERDIFF_ARGS])``, with the CLI's defaults unless
+  ``--layerdiff-args "..."`` says otherwise; it loads the .pth itself (spandrel). Exit code
+  0 (pass) or 1 (diverged) is a result, 2 an error. Notes: exit code, and the verdict and
+  number of layers from the JSON;
 - mark-all: every ONNX node output marked as a graph output, one onnxruntime run (what
   Polygraphy's mark-all does), plus the PyTorch forward with hooks it would compare to;
-- verify: ``torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)``.
+- verify: ``torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)``,
+  export included; stopped after ``--verify-timeout`` seconds.
 
-The ONNX file is exported once (dynamo exporter, legacy if it fails) before timing, and
-is not part of any method's time. Prints a Markdown table.
+Each child imports torch, onnx and onnxruntime and builds the model (all but layerdiff,
+which loads the .pth) before its clock starts; its peak memory includes them. With
+``--repeat N`` each method runs N times (N processes): best wall time, highest peak.
+Prints the machine's facts and a Markdown table; ``x floor`` is the wall time over floor's
+at the same size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,6 +53,7 @@ import time
 from pathlib import Path
 
 METHODS = ("floor", "layerdiff", "mark-all", "verify")
+DEFAULT_SIZES = {"esrgan": [128, 256], "swinir": [64, 128]}
 
 
 def build(arch: str, blocks: int):
@@ -47,8 +74,8 @@ def build(arch: str, blocks: int):
     raise SystemExit(f"unknown arch {arch}")
 
 
-def run_method(method: str, arch: str, blocks: int, size: int, onnx_path: str) -> dict:
-    """Runs inside the child process."""
+def run_method(job: dict) -> dict:
+    """Runs inside the child process: one method, timed; returns seconds, peak and notes."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -57,8 +84,11 @@ def run_method(method: str, arch: str, blocks: int, size: int, onnx_path: str) -
     import onnxruntime as ort
     import torch
 
-    model = build(arch, blocks)
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    method, size, onnx_path = job["method"], job["size"], job["onnx"]
+    if method != "layerdiff":
+        model = build(job["arch"], job["blocks"])
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    notes = ""
     start = time.perf_counter()
     if method == "floor":
         with torch.no_grad():
@@ -66,10 +96,27 @@ def run_method(method: str, arch: str, blocks: int, size: int, onnx_path: str) -
         session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
         session.run(None, {session.get_inputs()[0].name: x.numpy()})
     elif method == "layerdiff":
-        from layerdiff import diagnose
+        from layerdiff import cli
 
-        d = diagnose(model, onnx_path, input_shape=tuple(x.shape), check_sizes=())
-        extra = {"verdict": d.verdict, "layers": len(d.layers)}
+        folder = Path(onnx_path).parent
+        report_json = folder / f"report-{size}.json"
+        report_json.unlink(missing_ok=True)  # never read a previous run's verdict
+        argv = ["report", job["pth"], "--onnx", onnx_path, "--input-shape", f"1,3,{size},{size}",
+                "-o", str(folder / f"report-{size}.html"), "--json", str(report_json), "-q",
+                *job["layerdiff_args"]]
+        stderr = io.StringIO()
+        # stdout carries only this child's result line; the CLI's own lines go to stderr.
+        with contextlib.redirect_stdout(sys.stderr), contextlib.redirect_stderr(stderr):
+            try:
+                code = cli.main(argv)
+            except SystemExit as exc:
+                code = exc.code
+        if code not in (0, 1):
+            lines = stderr.getvalue().strip().splitlines() or ["no message"]
+            message = next((line for line in lines if line.startswith("error:")), lines[-1])
+            return {"error": f"exit {code}: {message[:120]}"}
+        report = json.loads(report_json.read_text())
+        notes = f"exit {code}, {report['verdict']}, {len(report['layers'])} layers"
     elif method == "mark-all":
         from layerdiff import capture_torch
 
@@ -83,27 +130,22 @@ def run_method(method: str, arch: str, blocks: int, size: int, onnx_path: str) -
                     known.add(out)
         session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         values = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        extra = {"tensors": len(values), "bytes": int(sum(np.asarray(v).nbytes for v in values))}
+        nbytes = sum(np.asarray(v).nbytes for v in values)
+        notes = f"{len(values)} tensors, {nbytes / 2**20:.0f} MiB"
     elif method == "verify":
         from torch.onnx.verification import verify_onnx_program
 
         program = torch.onnx.export(model, (x,), dynamo=True)
         results = verify_onnx_program(program, compare_intermediates=True)
-        extra = {"values": len(results)}
+        notes = f"{len(results)} values compared"
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_bytes": peak, **(extra if method != "floor" else {})}
+    return {"seconds": seconds, "peak_bytes": peak, "notes": notes}
 
 
-def export_once(arch: str, blocks: int, size: int, folder: Path) -> str:
-    import contextlib
-    import io
-    import warnings
-
-    warnings.filterwarnings("ignore")
+def export_once(model, arch: str, size: int, folder: Path) -> str:
     import torch
 
-    model = build(arch, blocks)
     x = torch.rand(1, 3, size, size)
     path = folder / f"{arch}-{size}.onnx"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -114,44 +156,109 @@ def export_once(arch: str, blocks: int, size: int, folder: Path) -> str:
     return str(path)
 
 
+def run_child(job: dict, timeout: int) -> dict:
+    """One method in a fresh process: its result, {"error": ...} or {"stopped": timeout}."""
+    cmd = [sys.executable, __file__, "--child", json.dumps(job)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"stopped": timeout}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(job: dict, timeout: int, repeat: int) -> dict:
+    """Best wall time and highest peak over `repeat` runs; the first failure ends it."""
+    runs = []
+    for _ in range(repeat):
+        result = run_child(job, timeout)
+        if "seconds" not in result:
+            return result
+        runs.append(result)
+    return {"seconds": min(r["seconds"] for r in runs),
+            "peak_bytes": max(r["peak_bytes"] for r in runs), "notes": runs[0]["notes"]}
+
+
+def machine_facts() -> list[str]:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return [f"- CPU: {os.cpu_count()} x {cpu}",
+            f"- RAM: {ram / 2**30:.1f} GiB",
+            f"- Python {platform.python_version()}, torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}"]
+
+
+def table(rows: list[tuple[int, str, dict]]) -> list[str]:
+    floors = {size: r["seconds"] for size, method, r in rows if method == "floor" and "seconds" in r}
+    lines = ["| input | method | wall s | x floor | peak memory | notes |",
+             "|---|---|---|---|---|---|"]
+    for size, method, r in rows:
+        if "stopped" in r:
+            cells = [f"> {r['stopped']} s (stopped)", "-", "-", ""]
+        elif "error" in r:
+            cells = ["-", "-", "-", f"failed: {r['error']}"]
+        else:
+            ratio = f"{r['seconds'] / floors[size]:.1f}" if size in floors else "-"
+            cells = [f"{r['seconds']:.2f}", ratio, f"{r['peak_bytes'] / 2**30:.2f} GiB", r["notes"]]
+        lines.append(f"| {size}x{size} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=("esrgan", "swinir"), default="esrgan")
     parser.add_argument("--blocks", type=int, default=23, help="ESRGAN blocks (standard: 23)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--sizes", type=int, nargs="+",
+                        help="input sizes (default: esrgan 128 256, swinir 64 128)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per method")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run each method N times; best wall time, highest peak")
+    parser.add_argument("--layerdiff-args", default="", metavar="ARGS",
+                        help='extra arguments for "layerdiff report", one string split like a '
+                             'shell, e.g. --layerdiff-args="--reference none"')
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per method run")
+    parser.add_argument("--verify-timeout", type=int, default=600, help="seconds per verify run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        method, arch, blocks, size, onnx_path = args.child
-        print(json.dumps(run_method(method, arch, int(blocks), int(size), onnx_path)))
+        print(json.dumps(run_method(json.loads(args.child))))
         return
 
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    sizes = args.sizes or DEFAULT_SIZES[args.arch]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for size in args.sizes:
-            onnx_path = export_once(args.arch, args.blocks, size, Path(folder))
+        model = build(args.arch, args.blocks)
+        pth = Path(folder) / f"{args.arch}.pth"
+        torch.save(model.state_dict(), pth)
+        for size in sizes:
+            job = {"arch": args.arch, "blocks": args.blocks, "size": size, "pth": str(pth),
+                   "onnx": export_once(model, args.arch, size, Path(folder)),
+                   "layerdiff_args": shlex.split(args.layerdiff_args)}
             for method in args.methods:
-                cmd = [sys.executable, __file__, "--child", method, args.arch, str(args.blocks),
-                       str(size), onnx_path]
-                try:
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    result = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
-                              else {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:80]})
-                except subprocess.TimeoutExpired:
-                    result = {"error": f"over {args.timeout} s"}
+                timeout = args.verify_timeout if method == "verify" else args.timeout
+                result = measure({**job, "method": method}, timeout, args.repeat)
                 rows.append((size, method, result))
                 print(size, method, result, file=sys.stderr, flush=True)
 
-    print(f"\n{args.arch} ({args.blocks} blocks)" if args.arch == "esrgan" else f"\n{args.arch}")
-    print("| input | method | wall s | peak memory | notes |\n|---|---|---|---|---|")
-    for size, method, r in rows:
-        if "error" in r:
-            print(f"| {size}x{size} | {method} | - | - | failed: {r['error']} |")
-            continue
-        notes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("seconds", "peak_bytes"))
-        print(f"| {size}x{size} | {method} | {r['seconds']:.1f} | {r['peak_bytes'] / 2**30:.2f} GiB | {notes} |")
+    title = f"{args.arch} ({args.blocks} blocks)" if args.arch == "esrgan" else "swinir (SwinIR-light x2)"
+    if args.repeat > 1:
+        title += f", best of {args.repeat} runs"
+    if args.layerdiff_args:
+        title += f", layerdiff {args.layerdiff_args}"
+    print("\n" + "\n".join([*machine_facts(), "", title, "", *table(rows)]))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -560,9 +561,9 @@ def _shape_fits(onnx_shape: tuple | None, torch_shape: tuple[int, ...]) -> bool:
     return all(not isinstance(a, int) or a == b for a, b in zip(onnx_shape, torch_shape))
 
 
-def drop_misfits(alignment: Alignment, calls: list[TorchCall], values: dict[str, np.ndarray],
-                 torch_values: dict[int, np.ndarray] | None = None) -> Alignment:
-    """Unpair guesses whose tensor turned out to have another shape at run time.
+def misfit(pair: Pair, calls: list[TorchCall], value: np.ndarray | None,
+           torch_values: Mapping[int, np.ndarray] | None = None) -> Unmatched | None:
+    """Why ``pair`` was a wrong guess, given its tensor's value at run time (None: fine).
 
     Shape inference cannot size every tensor of a graph with dynamic axes; the run can.
     A structural pair of the wrong shape was a wrong guess, not a divergence. So is any
@@ -571,28 +572,28 @@ def drop_misfits(alignment: Alignment, calls: list[TorchCall], values: dict[str,
     leaving the module's scope holding another layout of its neighbour's value. A tensor
     of another *size* stays paired: that is a real shape divergence.
     """
-    keep, dropped = [], []
-    for pair in alignment.pairs:
-        value = values.get(pair.onnx_tensor)
-        shape = calls[pair.call].shape
-        reference = (torch_values or {}).get(pair.call)
-        if value is None or value.shape == shape:
-            keep.append(pair)
-        elif pair.method == "structure":
-            dropped.append(Unmatched(calls[pair.call].label,
-                                     f"the tensor it was paired with by structure has shape "
-                                     f"{tuple(value.shape)}; not paired"))
-        elif (reference is not None and value.size == reference.size
-              and not _same_values(reference, value)):
-            dropped.append(Unmatched(calls[pair.call].label,
-                                     f"its ONNX tensor '{pair.onnx_tensor}' holds another layout "
-                                     f"{tuple(value.shape)} of the values; not compared"))
-        else:
-            keep.append(pair)
+    shape = calls[pair.call].shape
+    if value is None or value.shape == shape:
+        return None
+    if pair.method == "structure":
+        return Unmatched(calls[pair.call].label,
+                         f"the tensor it was paired with by structure has shape "
+                         f"{tuple(value.shape)}; not paired")
+    reference = (torch_values or {}).get(pair.call)
+    if reference is not None and value.size == reference.size and not _same_values(reference, value):
+        return Unmatched(calls[pair.call].label,
+                         f"its ONNX tensor '{pair.onnx_tensor}' holds another layout "
+                         f"{tuple(value.shape)} of the values; not compared")
+    return None
+
+
+def unpair(alignment: Alignment, dropped: Mapping[int, Unmatched]) -> Alignment:
+    """``alignment`` without the pairs at positions ``dropped``, which become unmatched."""
     if not dropped:
         return alignment
-    return Alignment(pairs=tuple(keep), aliases=alignment.aliases,
-                     unmatched_torch=alignment.unmatched_torch + tuple(dropped),
+    return Alignment(pairs=tuple(p for k, p in enumerate(alignment.pairs) if k not in dropped),
+                     aliases=alignment.aliases,
+                     unmatched_torch=alignment.unmatched_torch + tuple(dropped.values()),
                      unmatched_onnx=alignment.unmatched_onnx, has_scopes=alignment.has_scopes)
 
 

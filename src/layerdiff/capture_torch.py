@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Callable, MutableMapping
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,7 +28,7 @@ _SIMPLE = (bool, int, float, str, type(None))
 @dataclass
 class TorchCapture:
     calls: list[TorchCall]
-    activations: dict[int, np.ndarray]  # call index -> output values
+    activations: MutableMapping[int, np.ndarray]  # call index -> output values (or a store)
     outputs: list[np.ndarray]  # the model's final outputs, flattened
     input_mutated: bool
     training_modules: tuple[str, ...]
@@ -60,9 +61,11 @@ def _simple_attrs(module: torch.nn.Module) -> dict[str, Any]:
 class _Recorder:
     """Hook state: the calls so far and which live tensor each call produced."""
 
-    def __init__(self, model_input: torch.Tensor) -> None:
+    def __init__(self, model_input: torch.Tensor, store: MutableMapping[int, np.ndarray],
+                 visit: Callable[[int, torch.Tensor], None] | None) -> None:
         self.calls: list[TorchCall] = []
-        self.activations: dict[int, np.ndarray] = {}
+        self.activations = store
+        self._visit = visit
         self.parameters: dict[int, dict[str, np.ndarray]] = {}
         # id(tensor) -> (weakref to it, its version when recorded, producing call).
         # Weak, so that capture does not keep every original activation alive.
@@ -97,7 +100,7 @@ class _Recorder:
         nth = self._count.get(path, 0)
         self._count[path] = nth + 1
         attrs = _simple_attrs(module)
-        params = {
+        params = {} if self._visit is not None else {
             name: p.detach().float().cpu().numpy().copy()
             for name, p in module.named_parameters(recurse=False)
         }
@@ -114,7 +117,10 @@ class _Recorder:
                 )
             )
             if alias is None:
-                self.activations[index] = _to_numpy(tensor)
+                if self._visit is not None:
+                    self._visit(index, tensor.detach())
+                else:
+                    self.activations[index] = _to_numpy(tensor)
                 if params:
                     self.parameters[index] = params
             self._remember(tensor, index)
@@ -164,13 +170,18 @@ def training_modules(model: torch.nn.Module) -> tuple[str, ...]:
     )
 
 
-def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True) -> TorchCapture:
+def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True,
+            store: MutableMapping[int, np.ndarray] | None = None,
+            visit: Callable[[int, torch.Tensor], None] | None = None) -> TorchCapture:
     """Run ``model`` once on a private copy of ``example`` and record every submodule call.
 
-    TorchScript modules take no hooks: for them only the final outputs are captured.
+    Each output's values go into ``store`` (a dict by default; a store.TensorStore keeps
+    them within a memory budget), or, with ``visit``, are handed to ``visit(index,
+    tensor)`` as they are made and not kept. TorchScript modules take no hooks: for them
+    only the final outputs are captured.
     """
     own_input = example.clone()
-    recorder = _Recorder(own_input)
+    recorder = _Recorder(own_input, {} if store is None else store, visit)
     use_hooks = hooks and not isinstance(model, torch.jit.ScriptModule)
     # A model in training mode updates BatchNorm running statistics as it runs: restore
     # them, so that diagnosing a model does not change it.

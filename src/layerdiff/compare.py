@@ -31,6 +31,7 @@ import numpy as np
 from .records import Metrics
 
 OUTLIER_SHARE = 0.01
+CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries
 NOISE_FACTOR = 3.0  # |onnx - torch32| <= |onnx - t64| + |t64 - torch32|: both within noise
 
 
@@ -48,32 +49,17 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
             return replace(metrics, shape_onnx=tuple(cand.shape))
         return _shape_mismatch(ref, cand)
 
-    ref64 = ref.astype(np.float64, copy=False)
-    cand64 = cand.astype(np.float64, copy=False)
-    ref_nan, cand_nan = np.isnan(ref64), np.isnan(cand64)
-    ref_inf, cand_inf = np.isinf(ref64), np.isinf(cand64)
-    finite = np.isfinite(ref64) & np.isfinite(cand64)
-
-    if finite.any():
-        r, c = ref64[finite], cand64[finite]
-        diff = np.abs(c - r)
-        mag = np.abs(r)
-        max_abs = float(diff.max())
-        mean_abs = float(diff.mean())
-        scale = float(mag.max())
-        max_rel = float((diff / np.maximum(mag, max(atol, 1e-12))).max())
-        outlier_share = float(np.count_nonzero(diff > atol + rtol * mag) / diff.size)
-        cosine = _cosine(r, c)
-    else:
-        max_abs = mean_abs = scale = max_rel = outlier_share = 0.0
-        cosine = 1.0
+    acc = _Sums()
+    flat_ref, flat_cand = ref.reshape(-1), cand.reshape(-1)
+    for lo in range(0, flat_ref.size, CHUNK):
+        acc.add(flat_ref[lo:lo + CHUNK], flat_cand[lo:lo + CHUNK], rtol=rtol, atol=atol)
+    max_abs, mean_abs, scale, max_rel, outlier_share, cosine = acc.figures()
+    ref_nan, cand_nan, ref_inf, cand_inf = acc.nan_ref, acc.nan_cand, acc.inf_ref, acc.inf_cand
 
     reason = ""
-    nonfinite_differs = bool((ref_nan != cand_nan).any() or (ref_inf != cand_inf).any()
-                             or (ref64[ref_inf] != cand64[ref_inf]).any())
-    if nonfinite_differs:
-        reason = (f"NaN/Inf differ (torch {int(ref_nan.sum())} NaN {int(ref_inf.sum())} Inf, "
-                  f"onnx {int(cand_nan.sum())} NaN {int(cand_inf.sum())} Inf)")
+    if acc.nonfinite_differs:
+        reason = (f"NaN/Inf differ (torch {ref_nan} NaN {ref_inf} Inf, "
+                  f"onnx {cand_nan} NaN {cand_inf} Inf)")
     elif max_abs > atol + rtol * scale:
         reason = f"max error {max_abs:.3g} is {max_abs / max(scale, 1e-30):.2%} of the tensor's range {scale:.3g}"
     elif outlier_share > OUTLIER_SHARE:
@@ -88,22 +74,71 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
         cosine=cosine,
         scale=scale,
         outlier_share=outlier_share,
-        nan_torch=int(ref_nan.sum()),
-        nan_onnx=int(cand_nan.sum()),
-        inf_torch=int(ref_inf.sum()),
-        inf_onnx=int(cand_inf.sum()),
+        nan_torch=ref_nan,
+        nan_onnx=cand_nan,
+        inf_torch=ref_inf,
+        inf_onnx=cand_inf,
         passed=not reason,
         reason=reason,
     )
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
+class _Sums:
+    """Running reductions over chunks of a tensor pair (float64 arithmetic per chunk), so
+    comparing a tensor needs a few chunk-sized temporaries, not copies of the tensor."""
+
+    def __init__(self) -> None:
+        self.count = 0  # finite pairs
+        self.max_abs = self.sum_abs = self.scale = self.max_rel = 0.0
+        self.outliers = 0
+        self.dot = self.norm_ref = self.norm_cand = 0.0
+        self.nan_ref = self.nan_cand = self.inf_ref = self.inf_cand = 0
+        self.nonfinite_differs = False
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, *, rtol: float, atol: float) -> None:
+        r = ref.astype(np.float64)
+        c = cand.astype(np.float64)
+        finite = np.isfinite(r) & np.isfinite(c)
+        if not finite.all():
+            self._nonfinite(r, c)
+            r, c = r[finite], c[finite]
+        if not r.size:
+            return
+        diff = np.abs(c - r)
+        mag = np.abs(r)
+        self.count += r.size
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.sum_abs += float(diff.sum())
+        self.scale = max(self.scale, float(mag.max()))
+        self.outliers += int(np.count_nonzero(diff > atol + rtol * mag))
+        np.maximum(mag, max(atol, 1e-12), out=mag)
+        self.max_rel = max(self.max_rel, float((diff / mag).max()))
+        self.dot += float(np.dot(r, c))
+        self.norm_ref += float(np.dot(r, r))
+        self.norm_cand += float(np.dot(c, c))
+
+    def _nonfinite(self, r: np.ndarray, c: np.ndarray) -> None:
+        r_nan, c_nan, r_inf, c_inf = np.isnan(r), np.isnan(c), np.isinf(r), np.isinf(c)
+        self.nan_ref += int(r_nan.sum())
+        self.nan_cand += int(c_nan.sum())
+        self.inf_ref += int(r_inf.sum())
+        self.inf_cand += int(c_inf.sum())
+        if (r_nan != c_nan).any() or (r_inf != c_inf).any() or (r[r_inf] != c[r_inf]).any():
+            self.nonfinite_differs = True
+
+    def figures(self) -> tuple[float, float, float, float, float, float]:
+        """max_abs, mean_abs, scale, max_rel, outlier share, cosine."""
+        if not self.count:
+            return 0.0, 0.0, 0.0, 0.0, 0.0, 1.0
+        na, nc = np.sqrt(self.norm_ref), np.sqrt(self.norm_cand)
+        if na == 0.0 and nc == 0.0:
+            cosine = 1.0
+        elif na == 0.0 or nc == 0.0:
+            cosine = 0.0
+        else:
+            cosine = float(self.dot / (na * nc))
+        return (self.max_abs, self.sum_abs / self.count, self.scale, self.max_rel,
+                self.outliers / self.count, cosine)
 
 
 def _shape_mismatch(ref: np.ndarray, cand: np.ndarray) -> Metrics:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import replace
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .capture_onnx import OnnxGraph, RuntimeFailure
 from .compare import compare
 from .records import (
-    Alignment, FirstDivergence, LayerResult, Metrics, OnnxNodeInfo, OutputResult, TorchCall,
+    Alignment, FirstDivergence, LayerResult, Metrics, OnnxNodeInfo, OutputResult, Referee,
+    TorchCall,
 )
 
 REGION_LIMIT = 40  # suspects listed for a first divergence
@@ -42,29 +43,24 @@ def is_ignored(patterns: Sequence[str], module: str, onnx_node: str, op_type: st
 def layer_results(
     alignment: Alignment,
     calls: Sequence[TorchCall],
-    torch_values: dict[int, np.ndarray],
-    onnx_values: dict[str, np.ndarray],
-    *, rtol: float, atol: float, ignore: Sequence[str],
-    local_values: dict[str, np.ndarray] | None = None,
-    noise: dict[int, float] | None = None,
+    metrics: Mapping[int, Metrics],
+    *, ignore: Sequence[str],
+    local: Mapping[int, Metrics] | None = None,
+    referees: Mapping[int, Referee] | None = None,
 ) -> list[LayerResult]:
-    """``noise``: per call, PyTorch fp32's own error against float64 (see compare.py)."""
+    """One result per pair of ``alignment``, from the figures measured for it (keyed by
+    the pair's position): its accumulated error, its local error and the referee's."""
     layers = []
-    for pair in alignment.pairs:
+    for k, pair in enumerate(alignment.pairs):
         call = calls[pair.call]
-        reference = torch_values[pair.call]
-        floor = (noise or {}).get(pair.call, 0.0)
-        value = onnx_values.get(pair.onnx_tensor)
-        metrics = None if value is None else compare(reference, value, rtol=rtol, atol=atol,
-                                                     noise=floor)
-        own = (local_values or {}).get(pair.onnx_tensor)
-        local = None if own is None else compare(reference, own, rtol=rtol, atol=atol, noise=floor)
+        total = metrics.get(k)
+        own = (local or {}).get(k)
         ignored = is_ignored(ignore, call.label, pair.onnx_node, pair.op_type)
         layers.append(LayerResult(
             module=call.label, module_type=call.module_type, onnx_tensor=pair.onnx_tensor,
             onnx_node=pair.onnx_node, op_type=pair.op_type, order=pair.order,
-            method=pair.method, metrics=metrics, ignored=ignored,
-            status=_status(metrics, local, ignored), local=local,
+            method=pair.method, metrics=total, ignored=ignored,
+            status=_status(total, own, ignored), local=own, referee=(referees or {}).get(k),
         ))
     return _first_failure_is_a_cause(layers)
 

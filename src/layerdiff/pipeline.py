@@ -9,11 +9,8 @@ apply the rules.
 
 from __future__ import annotations
 
-import copy
-import inspect
-import os
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,21 +18,24 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
-from .align import align, drop_misfits
+from . import store as memory
+from .align import align
 from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
 from .loading import from_module, load_model
 from .records import (
     Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, LayerResult, LoadedModel,
-    OnnxSource, OutputResult, Referee, Settings, TorchCall,
+    OnnxSource, OutputResult, Settings, TorchCall,
 )
 from .rules import suggest
+from .run_case import CaseRun as _Case, CaseRunner
 
 Progress = Callable[[str], None]
 
-# The referee keeps a float64 copy of every activation: only when that stays well
-# inside the memory that is free.
-REFEREE_MEMORY_SHARE = 0.25
+# Of the memory a diagnosis may use beyond what the process holds when it starts:
+STORE_SHARE = 0.4  # PyTorch activations kept in RAM (the rest go to disk)
+SEGMENT_SHARE = 0.2  # the aligned tensors of one ONNX segment
+# The rest is for the forwards themselves and the comparison's temporaries.
 
 
 def diagnose(
@@ -63,6 +63,7 @@ def diagnose(
     provider: str = "CPUExecutionProvider",
     progress: Progress | None = None,
     reproducer_for: str | Path | None = None,
+    max_memory: int | None = None,
 ) -> Diagnosis:
     """Compare ``model`` with its ONNX export layer by layer and return a Diagnosis.
 
@@ -78,7 +79,10 @@ def diagnose(
     fp32 and checks it. Tolerances default to 1e-3 / 1e-5 (fp16: 1e-2 / 1e-3). Raises
     LayerdiffError for input the user must fix. With ``reproducer_for`` (the report's
     path) and a numeric first divergence, the minimal reproducer (reproducer.py) is
-    written next to it and named in the notes.
+    written next to it and named in the notes. ``max_memory`` (bytes; default
+    store.default_max_memory()) bounds what the process holds: activations beyond it
+    go to a temporary folder on disk and ONNX runs in segments. When the peak still
+    exceeds it (the model's own forward needs more), a note says so.
     """
     rtol = rtol if rtol is not None else (1e-2 if fp16 else 1e-3)
     atol = atol if atol is not None else (1e-3 if fp16 else 1e-5)
@@ -116,15 +120,57 @@ def diagnose(
                         provider=provider, ort_level=ort_level,
                         ort_config=tuple((ort_config or {}).items()), reference=reference,
                         samples=samples, fp16=fp16, inputs=tuple(str(i) for i in inputs),
-                        check_sizes=tuple(sizes))
-    runner = _CaseRunner(loaded, graph, settings, say)
+                        check_sizes=tuple(sizes),
+                        max_memory=max_memory or memory.default_max_memory())
+    if settings.max_memory <= 0:
+        raise UsageError("--max-memory must be positive", hint="e.g. --max-memory 6G")
+    held, peak_before = memory.current_rss(), memory.peak_rss()
+    headroom = max(settings.max_memory - held, 64 * 2**20)
+    with memory.Spill(int(STORE_SHARE * headroom)) as spill:
+        runner = CaseRunner(loaded, graph, settings, say, spill, int(SEGMENT_SHARE * headroom))
+        diagnosis = _run_cases(runner, loaded, source, graph, settings, notes, main_input, out,
+                               fp32_path, fix_fp16, export_size, reproducer_for)
+        spilled = spill.written_bytes
+    facts = _memory_facts(diagnosis.facts, settings.max_memory, held, peak_before, spilled)
+    notes = list(diagnosis.notes)
+    if facts.spilled_bytes:
+        notes.append(f"{_gib(facts.spilled_bytes)} of PyTorch activations went to a temporary "
+                     f"folder on disk to stay within --max-memory {_gib(settings.max_memory)}.")
+    if facts.over_memory:
+        notes.append(f"Peak memory {_gib(facts.peak_memory)} exceeded --max-memory "
+                     f"{_gib(settings.max_memory)}: the forward passes themselves need more at "
+                     "this input size (or a segment of the graph could not be cut smaller). "
+                     "Use a smaller --input-shape or raise --max-memory.")
+    return replace(diagnosis, facts=facts, notes=tuple(notes))
+
+
+def _memory_facts(facts: Facts, limit: int, held: int, peak_before: int, spilled: int) -> Facts:
+    """Peak memory of this diagnosis (when measurable) and what went to disk."""
+    peak = memory.peak_rss()
+    # The process's peak is a high-water mark: when it was set before this diagnosis
+    # began (and is above what it holds now), this one's own peak is unknown (None).
+    measured = peak if peak > peak_before or peak_before <= held * 1.05 else None
+    return replace(facts, peak_memory=measured, spilled_bytes=spilled,
+                   over_memory=measured is not None and measured > limit)
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
+               graph: capture_onnx.OnnxGraph, settings: Settings, notes: list[str],
+               main_input: torch.Tensor, out: Path, fp32_path: Path | None, fix_fp16,
+               export_size, reproducer_for) -> Diagnosis:
+    say, shape, seed = runner.say, settings.input_shape, settings.seed
+    rtol, atol, ort_level, fp16 = settings.rtol, settings.atol, settings.ort_level, settings.fp16
     results: list[_Case] = []
     skipped: list[CaseResult] = []
-    for number, case in enumerate(cases_.cases(shape, seed, samples=samples,
+    for number, case in enumerate(cases_.cases(shape, seed, samples=settings.samples,
                                                files=settings.inputs, sizes=settings.check_sizes)):
         say(f"input {number + 1}: {case.label}")
         try:
-            results.append(runner.run(case))
+            results.append(runner.run(case, number))
         except capture_onnx.OnnxLoadError as exc:
             if number == 0:
                 return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
@@ -153,6 +199,7 @@ def diagnose(
         ort_optimisation_level=ort_level,
         instrumentation_delta=runner.instrumentation_delta(main),
         export_size=export_size,
+        segments=len(main.plan),
     )
     if verdict == "diverged" and ort_level != "disable" and first_case is not None \
             and first_case.failure is None:
@@ -237,157 +284,6 @@ def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
     if graph is not None and graph.opset is not None:
         found["opset"] = str(graph.opset)
     return found
-
-
-# --------------------------------------------------------------------------- one input
-
-
-@dataclass
-class _Case:
-    label: str
-    kind: str
-    tensor: torch.Tensor
-    feeds: dict[str, np.ndarray]
-    calls: list[TorchCall]
-    activations: dict[int, np.ndarray]
-    alignment: Alignment
-    layers: list[LayerResult]
-    outputs: list[OutputResult]
-    first: FirstDivergence | None
-    failure: capture_onnx.RuntimeFailure | None
-    final_outputs: list[np.ndarray] | None
-    torch_outputs: list[np.ndarray]
-    input_mutated: bool
-    training_modules: tuple[str, ...]
-    notes: list[str]
-    # ONNX value (whole-graph run) of this input's first diverging tensor, for previews.
-    first_onnx: np.ndarray | None = None
-
-    def summary(self) -> CaseResult:
-        verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
-        worst = max((o.metrics.max_abs for o in self.outputs), default=None)
-        where = f"{self.first.module or self.first.onnx_node} ({self.first.kind})" if self.first else ""
-        return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst)
-
-
-class _CaseRunner:
-    """Runs one input through both models; holds what every input shares."""
-
-    def __init__(self, loaded: LoadedModel, graph: capture_onnx.OnnxGraph, settings: Settings,
-                 say: Progress) -> None:
-        self.loaded, self.graph, self.settings, self.say = loaded, graph, settings, say
-        self._model64: Any = None
-
-    def run(self, case: cases_.Case) -> _Case:
-        s, graph, module = self.settings, self.graph, self.loaded.module
-        feeds = _feeds(graph, case.tensor, self.loaded)
-        captured = capture_torch.capture(module, case.tensor)
-        alignment = align(captured.calls, captured.parameters, graph)
-        run = capture_onnx.run(graph, feeds, [p.onnx_tensor for p in alignment.pairs],
-                               level=s.ort_level, provider=s.provider, config=s.ort_config)
-        alignment = drop_misfits(alignment, captured.calls, run.values, captured.activations)
-        local = capture_onnx.run_local(
-            graph, feeds, {p.onnx_tensor: captured.activations[p.call] for p in alignment.pairs},
-            level=s.ort_level, provider=s.provider, config=s.ort_config)
-        notes: list[str] = []
-        noise, referee64, output_noise = self._referee(case, captured, notes)
-        layers = judge.layer_results(alignment, captured.calls, captured.activations, run.values,
-                                     rtol=s.rtol, atol=s.atol, ignore=s.ignore,
-                                     local_values=local.values, noise=noise)
-        layers = [_with_referee(l, p, captured.activations, run.values, referee64)
-                  for l, p in zip(layers, alignment.pairs)]
-        outputs = judge.output_results(captured.outputs, run.outputs, graph.outputs,
-                                       rtol=s.rtol, atol=s.atol, noise=output_noise)
-        first = judge.first_divergence(layers, graph, alignment, captured.calls, run.failure)
-        result = _Case(case.label, case.kind, case.tensor, feeds, captured.calls, captured.activations,
-                       alignment, layers, outputs, first, run.failure, run.outputs,
-                       captured.outputs, captured.input_mutated, captured.training_modules, notes)
-        pair = _first_pair(result)
-        if pair is not None:  # keep only this one tensor of the run's values
-            result.first_onnx = run.values.get(pair.onnx_tensor)
-        return result
-
-    def _referee(self, case: cases_.Case, captured, notes: list[str]):
-        """PyTorch fp32's own error against float64 per call and per output, and the
-        float64 values; empty when the referee is off or cannot run."""
-        if self.settings.reference != "float64" or not captured.calls:
-            return {}, {}, []
-        needed = 2 * sum(a.nbytes for a in captured.activations.values())
-        if needed > REFEREE_MEMORY_SHARE * _free_memory():
-            notes.append(f"float64 referee skipped: it needs about {needed / 2**30:.1f} GiB")
-            return {}, {}, []
-        try:
-            if self._model64 is None:
-                self._model64 = copy.deepcopy(self.loaded.module).double()
-            captured64 = capture_torch.capture(self._model64, case.tensor.double())
-        except (LayerdiffError, RuntimeError, TypeError) as exc:
-            notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
-            return {}, {}, []
-        same = [c.shape for c in captured64.calls] == [c.shape for c in captured.calls]
-        if not same:
-            notes.append("float64 referee skipped: the float64 run took another path")
-            return {}, {}, []
-        noise = {index: _max_diff(value, captured64.activations.get(index))
-                 for index, value in captured.activations.items()}
-        output_noise = [_max_diff(a, b) for a, b in zip(captured.outputs, captured64.outputs)]
-        return noise, captured64.activations, output_noise
-
-    def passes_unoptimised(self, case: _Case) -> bool | None:
-        s = self.settings
-        try:
-            run = capture_onnx.run(self.graph, case.feeds, [p.onnx_tensor for p in case.alignment.pairs],
-                                   level="disable", provider=s.provider, config=s.ort_config)
-            local = capture_onnx.run_local(
-                self.graph, case.feeds,
-                {p.onnx_tensor: case.activations[p.call] for p in case.alignment.pairs},
-                level="disable", provider=s.provider, config=s.ort_config)
-        except capture_onnx.OnnxLoadError:
-            return None
-        layers = judge.layer_results(case.alignment, case.calls, case.activations, run.values,
-                                     rtol=s.rtol, atol=s.atol, ignore=s.ignore,
-                                     local_values=local.values)
-        outputs = judge.output_results(case.torch_outputs, run.outputs, self.graph.outputs,
-                                       rtol=s.rtol, atol=s.atol)
-        return run.failure is None and judge.verdict(layers, outputs, None)[0] == "pass"
-
-    def rewrite_of(self, first: FirstDivergence) -> str:
-        s = self.settings
-        return capture_onnx.optimised_producer(self.graph, first.onnx_node, level=s.ort_level,
-                                               provider=s.provider, config=s.ort_config)
-
-    def instrumentation_delta(self, case: _Case) -> float | None:
-        """How much exposing intermediates changed the final output (fusions it prevented)."""
-        if case.final_outputs is None:
-            return None
-        s = self.settings
-        plain = capture_onnx.run_plain(self.graph, case.feeds, level=s.ort_level,
-                                       provider=s.provider, config=s.ort_config)
-        return max((float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-                    for a, b in zip(plain, case.final_outputs)), default=0.0)
-
-
-def _max_diff(fp32: np.ndarray, fp64: np.ndarray | None) -> float:
-    if fp64 is None or fp64.shape != fp32.shape or not fp32.size:
-        return 0.0
-    diff = np.abs(fp32.astype(np.float64) - fp64)
-    return float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0
-
-
-def _with_referee(layer: LayerResult, pair, torch32: dict, onnx_values: dict,
-                  torch64: dict) -> LayerResult:
-    ref = torch64.get(pair.call)
-    value = onnx_values.get(pair.onnx_tensor)
-    if ref is None or value is None or ref.shape != value.shape:
-        return layer
-    torch_error = float(np.max(np.abs(torch32[pair.call].astype(np.float64) - ref)))
-    onnx_error = float(np.max(np.abs(value.astype(np.float64) - ref)))
-    if onnx_error > 2 * torch_error + 1e-12 and not (layer.metrics and layer.metrics.passed):
-        side = "onnx"
-    elif torch_error > 2 * onnx_error + 1e-12 and not (layer.metrics and layer.metrics.passed):
-        side = "torch"
-    else:
-        side = "noise"
-    return replace(layer, referee=Referee(torch_error, onnx_error, side))
 
 
 # --------------------------------------------------------------------------- combining inputs
@@ -546,46 +442,6 @@ def _sizes(check_sizes, shape: tuple[int, ...], graph: capture_onnx.OnnxGraph):
                         "checked (export with dynamic height and width to use other sizes)")
         return [cases_.default_check_size(*shape[-2:])], ""
     return [tuple(s) for s in check_sizes], ""
-
-
-def _free_memory() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
-def _feeds(graph: capture_onnx.OnnxGraph, example: torch.Tensor, model: LoadedModel) -> dict:
-    """The image for the first input; forward()'s defaults for any other (RealCUGAN's alpha)."""
-    if not graph.inputs:
-        raise UsageError("the ONNX model has no inputs", hint="re-export it with an input")
-    name, dtype, _ = graph.inputs[0]
-    feeds = {name: example.numpy().astype(dtype)}
-    extra = graph.inputs[1:]
-    if not extra:
-        return feeds
-    defaults = _forward_defaults(model.module)
-    for name, dtype, shape in extra:
-        if name not in defaults:
-            raise UsageError(
-                f"the ONNX model has an input '{name}' that layerdiff cannot fill",
-                hint=f"the model's forward() has no default for '{name}'; "
-                     "export the ONNX with a single image input",
-            )
-        value = np.asarray(defaults[name], dtype=dtype)
-        dims = [d if isinstance(d, int) else 1 for d in shape]
-        feeds[name] = np.broadcast_to(value, dims).copy() if dims else value
-    return feeds
-
-
-def _forward_defaults(module: Any) -> dict[str, Any]:
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError, AttributeError):
-        return {}
-    return {p.name: p.default for p in params
-            if p.default is not inspect.Parameter.empty
-            and isinstance(p.default, (int, float, bool))}
 
 
 def _training_nodes(graph: capture_onnx.OnnxGraph) -> tuple[str, ...]:

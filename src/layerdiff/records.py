@@ -265,6 +265,14 @@ class Facts:
     export_size: tuple[int, int] | None = None  # H, W the file was exported at, when known
     fp16: Any = None  # fp16.Fp16Findings when the ONNX file is float16
     fp16_fix: tuple[str, str] | None = None  # (mixed-precision file written, its verdict)
+    # Memory (see store.py): this diagnosis's peak resident memory in bytes (None when
+    # the process had already peaked higher before it began), whether that exceeded
+    # Settings.max_memory, PyTorch activations written to disk, and the number of ONNX
+    # segments the main input ran in.
+    peak_memory: int | None = None
+    over_memory: bool = False
+    spilled_bytes: int = 0
+    segments: int = 1
 
 
 @dataclass(frozen=True)
@@ -282,6 +290,7 @@ class Settings:
     fp16: bool = False
     inputs: tuple[str, ...] = ()
     check_sizes: tuple[tuple[int, int], ...] = ()
+    max_memory: int = 0  # bytes the diagnosis may hold (--max-memory)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,431 @@
+"""One input through both models, within a memory budget.
+
+PyTorch runs once with hooks; its activations go into a store that keeps them in RAM
+up to a budget and on disk beyond (store.py). onnxruntime then runs the graph segment by
+segment (segments.py), and each segment's aligned tensors are compared with PyTorch's
+as they arrive and dropped: only the figures stay. So the whole diagnosis costs about
+one PyTorch forward, one onnxruntime forward and the comparison arithmetic.
+
+Only when a layer fails the tolerance is more work done, and only where it is needed:
+- the float64 referee runs PyTorch once more in float64 and keeps, for the failing
+  layers only, float64 minus float32 (each layer's noise floor, and which side is off);
+- the walk resumes at the first failing segment to judge the failing layers against
+  their noise floor, and runs each failing layer's segment on PyTorch's inputs (its
+  local error: a cause, or error carried from upstream).
+A layer that passes the fixed tolerance passes with any noise floor, since the floor
+only widens it, so skipping this for passing layers changes no result.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, segments
+from .align import align, misfit, unpair
+from .compare import CHUNK, compare
+from .errors import LayerdiffError, UsageError
+from .records import (
+    Alignment, CaseResult, FirstDivergence, LayerResult, LoadedModel, Metrics, OutputResult,
+    Referee, Settings, TorchCall, Unmatched,
+)
+from .store import Spill, TensorStore
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CaseRun:
+    label: str
+    kind: str
+    tensor: torch.Tensor
+    feeds: dict[str, np.ndarray]
+    calls: list[TorchCall]
+    activations: Mapping[int, np.ndarray]  # a TensorStore: read one at a time
+    alignment: Alignment
+    layers: list[LayerResult]
+    outputs: list[OutputResult]
+    first: FirstDivergence | None
+    failure: capture_onnx.RuntimeFailure | None
+    final_outputs: list[np.ndarray] | None
+    torch_outputs: list[np.ndarray]
+    input_mutated: bool
+    training_modules: tuple[str, ...]
+    notes: list[str]
+    # ONNX value (whole-graph run) of this input's first diverging tensor, for previews.
+    first_onnx: np.ndarray | None = None
+    plan: list[segments.Segment] = field(default_factory=list)
+    noise: dict[int, float] = field(default_factory=dict)  # call -> fp32 noise floor
+    output_noise: list[float] = field(default_factory=list)
+
+    def summary(self) -> CaseResult:
+        verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
+        worst = max((o.metrics.max_abs for o in self.outputs), default=None)
+        where = f"{self.first.module or self.first.onnx_node} ({self.first.kind})" if self.first else ""
+        return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst)
+
+
+@dataclass
+class _FirstPass:
+    metrics: dict[int, Metrics]  # pair position -> accumulated error, fixed tolerance
+    dropped: dict[int, Unmatched]
+    outputs: dict[str, np.ndarray]
+    failure: capture_onnx.RuntimeFailure | None
+    resume: tuple[int, dict[str, np.ndarray]] | None  # first segment with a failing layer
+
+
+@dataclass
+class _SecondPass:
+    metrics: dict[int, Metrics] = field(default_factory=dict)
+    local: dict[int, Metrics] = field(default_factory=dict)
+    referees: dict[int, Referee] = field(default_factory=dict)
+    # ONNX values of the two candidates for first divergence: the first failing layer
+    # and the first whose own segment fails (see divergence.first_divergence).
+    kept: dict[str, tuple[int, str, np.ndarray]] = field(default_factory=dict)  # role -> (order, tensor, value)
+
+
+class CaseRunner:
+    """Runs inputs through both models; holds what every input shares."""
+
+    def __init__(self, loaded: LoadedModel, graph: capture_onnx.OnnxGraph, settings: Settings,
+                 say: Progress, spill: Spill, segment_budget: int) -> None:
+        self.loaded, self.graph, self.settings, self.say = loaded, graph, settings, say
+        self.spill, self.segment_budget = spill, segment_budget
+        self._model64: Any = None
+
+    def run(self, case: cases_.Case, number: int) -> CaseRun:
+        s, graph = self.settings, self.graph
+        feeds = feeds_for(graph, case.tensor, self.loaded)
+        store = TensorStore(self.spill, ("torch", number))
+        captured = capture_torch.capture(self.loaded.module, case.tensor, store=store)
+        alignment = align(captured.calls, captured.parameters, graph)
+        captured.parameters.clear()
+        plan = segments.plan(graph, [p.onnx_tensor for p in alignment.pairs],
+                             _sizes(alignment, captured.calls, graph), self.segment_budget)
+        runner = self._runner(plan, s.ort_level)
+        first = self._first_pass(runner, feeds, alignment, captured)
+        kept = {k: p for k, p in enumerate(alignment.pairs) if k not in first.dropped}
+        final_outputs = (None if first.failure is not None
+                         else [first.outputs[name] for name in graph.outputs])
+        outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
+                                       rtol=s.rtol, atol=s.atol)
+        failing = {k for k, m in first.metrics.items() if not m.passed}
+        notes: list[str] = []
+        noise: dict[int, float] = {}
+        output_noise: list[float] = []
+        second = _SecondPass()
+        if failing or any(not o.passed for o in outputs):
+            wanted = {kept[k].call for k in failing}
+            noise, residuals, output_noise = self._referee(case, captured, wanted, notes, number)
+            if output_noise:
+                outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
+                                               rtol=s.rtol, atol=s.atol, noise=output_noise)
+            if failing and first.resume is not None:
+                second = self._second_pass(runner, feeds, kept, failing, captured, noise,
+                                           residuals, first.resume)
+            if residuals is not None:
+                for key in list(residuals):
+                    self.spill.drop(("float64", number, key))
+        metrics = {**first.metrics, **second.metrics}
+        final = unpair(alignment, first.dropped)
+        position = {k: i for i, k in enumerate(sorted(kept))}  # old -> new pair position
+        layers = judge.layer_results(
+            final, captured.calls, {position[k]: m for k, m in metrics.items() if k in position},
+            ignore=s.ignore, local={position[k]: m for k, m in second.local.items()},
+            referees={position[k]: r for k, r in second.referees.items()})
+        divergence = judge.first_divergence(layers, graph, final, captured.calls, first.failure)
+        result = CaseRun(case.label, case.kind, case.tensor, feeds, captured.calls,
+                         captured.activations, final, layers, outputs, divergence, first.failure,
+                         final_outputs, captured.outputs, captured.input_mutated,
+                         captured.training_modules, notes, plan=plan, noise=noise,
+                         output_noise=output_noise)
+        if divergence is not None:
+            layer = next((l for l in layers if l.status == "fail"
+                          and l.module == divergence.module), None)
+            if layer is not None:
+                result.first_onnx = next((v for _, t, v in second.kept.values()
+                                          if t == layer.onnx_tensor), None)
+        return result
+
+    # ----------------------------------------------------------------------- passes
+
+    def _runner(self, plan: list[segments.Segment], level: str) -> segments.Runner:
+        s = self.settings
+        return segments.Runner(self.graph, plan, level=level, provider=s.provider,
+                               config=s.ort_config)
+
+    def _first_pass(self, runner: segments.Runner, feeds: dict[str, np.ndarray],
+                    alignment: Alignment, captured: capture_torch.TorchCapture) -> _FirstPass:
+        """Every aligned tensor compared at the fixed tolerance, segment by segment."""
+        s = self.settings
+        by_tensor = _positions(alignment)
+        result = _FirstPass({}, {}, {}, None, None)
+        for index, inputs, run in segments.walk(runner, feeds):
+            for tensor, value in run.values.items():
+                for k in by_tensor.get(tensor, ()):
+                    pair = alignment.pairs[k]
+                    wrong = misfit(pair, captured.calls, value, captured.activations)
+                    if wrong is not None:
+                        result.dropped[k] = wrong
+                        continue
+                    result.metrics[k] = compare(captured.activations[pair.call], value,
+                                                rtol=s.rtol, atol=s.atol)
+                    if not result.metrics[k].passed and result.resume is None:
+                        result.resume = (index, inputs)
+            result.outputs.update({n: v for n, v in run.carry.items() if n in self.graph.outputs})
+            result.outputs.update({n: v for n, v in run.values.items() if n in self.graph.outputs})
+            result.failure = run.failure
+        return result
+
+    def _second_pass(self, runner: segments.Runner, feeds: dict[str, np.ndarray],
+                     kept: dict[int, Any], failing: set[int],
+                     captured: capture_torch.TorchCapture, noise: dict[int, float],
+                     residuals: TensorStore | None,
+                     resume: tuple[int, dict[str, np.ndarray]]) -> _SecondPass:
+        """The failing layers again: against their noise floor, with the referee's view
+        and their local error. Resumes at the first segment holding one."""
+        s = self.settings
+        result = _SecondPass()
+        tensor_call = {p.onnx_tensor: p.call for p in reversed(list(kept.values()))}
+        by_tensor: dict[str, list[int]] = defaultdict(list)
+        for k, pair in kept.items():
+            by_tensor[pair.onnx_tensor].append(k)
+        last = max(i for i, seg in enumerate(runner.segments)
+                   if any(k in failing for m in seg.marks for k in by_tensor.get(m, ())))
+        start, carried = resume
+        for index, inputs, run in segments.walk(runner, feeds, start=start, carried=carried):
+            here = [k for t in run.values for k in by_tensor.get(t, ()) if k in failing]
+            for k in here:
+                pair = kept[k]
+                value = run.values[pair.onnx_tensor]
+                reference = captured.activations[pair.call]
+                metrics = compare(reference, value, rtol=s.rtol, atol=s.atol,
+                                  noise=noise.get(pair.call, 0.0))
+                result.metrics[k] = metrics
+                residual = residuals.get(pair.call) if residuals is not None else None
+                if residual is not None:
+                    result.referees[k] = _referee_of(metrics, reference, value, residual)
+            still = [k for k in here if not result.metrics[k].passed]
+            if still:
+                references = {t: captured.activations[c] for t, c in tensor_call.items()
+                              if t in run.values or t in inputs}
+                local_feeds = {n: references[n].astype(v.dtype, copy=False) if n in references
+                               else v for n, v in inputs.items()}
+                own = runner.run_local(index, local_feeds, references,
+                                       {kept[k].onnx_tensor for k in still})
+                for k in still:
+                    pair = kept[k]
+                    if pair.onnx_tensor in own:
+                        result.local[k] = compare(captured.activations[pair.call],
+                                                  own[pair.onnx_tensor], rtol=s.rtol, atol=s.atol,
+                                                  noise=noise.get(pair.call, 0.0))
+                self._keep_candidates(result, still, kept, captured.calls, run.values)
+            if index >= last:
+                break
+        return result
+
+    def _keep_candidates(self, result: _SecondPass, positions: list[int], kept: dict,
+                         calls: list[TorchCall], values: dict[str, np.ndarray]) -> None:
+        """Hold the ONNX values of the earliest failing layer and of the earliest whose
+        own segment fails (ignored layers never count): the first divergence is one of
+        them, and its previews and reproducer need the value."""
+        ignore = self.settings.ignore
+        for k in positions:
+            pair = kept[k]
+            if judge.is_ignored(ignore, calls[pair.call].label, pair.onnx_node, pair.op_type):
+                continue
+            local = result.local.get(k)
+            for role, wanted in (("total", True), ("local", local is not None and not local.passed)):
+                held = result.kept.get(role)
+                if wanted and (held is None or pair.order < held[0]):
+                    result.kept[role] = (pair.order, pair.onnx_tensor, values[pair.onnx_tensor])
+
+    def _referee(self, case: cases_.Case, captured: capture_torch.TorchCapture,
+                 wanted: set[int], notes: list[str], number: int):
+        """PyTorch in float64: the fp32 noise floor of the ``wanted`` calls and of the
+        outputs, and float64 - float32 for those calls (a store); empty when off."""
+        if self.settings.reference != "float64" or not captured.calls:
+            return {}, None, []
+        residuals = TensorStore(self.spill, ("float64", number))
+        noise: dict[int, float] = {}
+
+        def visit(index: int, value64: torch.Tensor) -> None:
+            if index not in wanted:
+                return
+            fp32 = captured.activations.get(index)
+            if fp32 is None or tuple(value64.shape) != fp32.shape:
+                return
+            residual, noise[index] = _residual(value64.double().cpu().numpy(), fp32)
+            residuals[index] = residual
+
+        try:
+            if self._model64 is None:
+                self._model64 = copy.deepcopy(self.loaded.module).double()
+            captured64 = capture_torch.capture(self._model64, case.tensor.double(), visit=visit)
+        except (LayerdiffError, RuntimeError, TypeError) as exc:
+            notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
+            return {}, None, []
+        if [c.shape for c in captured64.calls] != [c.shape for c in captured.calls]:
+            notes.append("float64 referee skipped: the float64 run took another path")
+            return {}, None, []
+        output_noise = [_max_diff(a, b) for a, b in zip(captured.outputs, captured64.outputs)]
+        return noise, residuals, output_noise
+
+    # ----------------------------------------------------------------------- re-checks
+
+    def passes_unoptimised(self, case: CaseRun) -> bool | None:
+        """Whether every layer and output passes with onnxruntime's optimisations off."""
+        s = self.settings
+        by_tensor = _positions(case.alignment)
+        outputs: dict[str, np.ndarray] = {}
+        try:
+            runner = self._runner(case.plan, "disable")
+            for _, _, run in segments.walk(runner, case.feeds):
+                if run.failure is not None:
+                    return False
+                for tensor, value in run.values.items():
+                    for k in by_tensor.get(tensor, ()):
+                        pair = case.alignment.pairs[k]
+                        label = case.calls[pair.call].label
+                        if judge.is_ignored(s.ignore, label, pair.onnx_node, pair.op_type):
+                            continue
+                        metrics = compare(case.activations[pair.call], value, rtol=s.rtol,
+                                          atol=s.atol, noise=case.noise.get(pair.call, 0.0))
+                        if not metrics.passed:
+                            return False
+                outputs.update({n: v for n, v in {**run.carry, **run.values}.items()
+                                if n in self.graph.outputs})
+        except capture_onnx.OnnxLoadError:
+            return None
+        final = judge.output_results(case.torch_outputs, [outputs[n] for n in self.graph.outputs],
+                                     self.graph.outputs, rtol=s.rtol, atol=s.atol,
+                                     noise=case.output_noise)
+        return all(o.passed for o in final)
+
+    def rewrite_of(self, first: FirstDivergence) -> str:
+        s = self.settings
+        return capture_onnx.optimised_producer(self.graph, first.onnx_node, level=s.ort_level,
+                                               provider=s.provider, config=s.ort_config)
+
+    def instrumentation_delta(self, case: CaseRun) -> float | None:
+        """How much exposing intermediates changed the final output (fusions it prevented)."""
+        if case.final_outputs is None:
+            return None
+        s = self.settings
+        plain = capture_onnx.run_plain(self.graph, case.feeds, level=s.ort_level,
+                                       provider=s.provider, config=s.ort_config)
+        return max((float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+                    for a, b in zip(plain, case.final_outputs)), default=0.0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positions(alignment: Alignment) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = defaultdict(list)
+    for k, pair in enumerate(alignment.pairs):
+        found[pair.onnx_tensor].append(k)
+    return found
+
+
+def _sizes(alignment: Alignment, calls: list[TorchCall],
+           graph: capture_onnx.OnnxGraph) -> dict[str, int]:
+    """Bytes of each aligned tensor, from PyTorch's shape of it."""
+    sizes: dict[str, int] = {}
+    for pair in alignment.pairs:
+        dtype = graph.dtypes.get(pair.onnx_tensor, np.dtype(np.float32))
+        nbytes = int(np.prod(calls[pair.call].shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        sizes[pair.onnx_tensor] = max(sizes.get(pair.onnx_tensor, 0), nbytes)
+    return sizes
+
+
+def _residual(value64: np.ndarray, fp32: np.ndarray) -> tuple[np.ndarray, float]:
+    """float64 - float32 as float32 (its own rounding is far below the difference), and
+    its largest magnitude measured in float64."""
+    residual = np.empty(fp32.shape, dtype=np.float32)
+    flat64, flat32, out = value64.reshape(-1), fp32.reshape(-1), residual.reshape(-1)
+    worst = 0.0
+    for lo in range(0, flat32.size, CHUNK):
+        diff = flat64[lo:lo + CHUNK] - flat32[lo:lo + CHUNK].astype(np.float64)
+        out[lo:lo + CHUNK] = diff
+        finite = diff[np.isfinite(diff)]
+        if finite.size:
+            worst = max(worst, float(np.abs(finite).max()))
+    return residual, worst
+
+
+def _referee_of(metrics: Metrics, fp32: np.ndarray, onnx_value: np.ndarray,
+                residual: np.ndarray) -> Referee:
+    """Which side is further from float64: |torch32 - t64| against |onnx - t64|."""
+    torch_error = onnx_error = 0.0
+    flat32, flat_res = fp32.reshape(-1), residual.reshape(-1)
+    flat_onnx = onnx_value.reshape(-1) if onnx_value.size == fp32.size else None
+    if flat_onnx is None:
+        return Referee(float(np.abs(residual).max()) if residual.size else 0.0, float("inf"), "onnx")
+    for lo in range(0, flat32.size, CHUNK):
+        res = flat_res[lo:lo + CHUNK].astype(np.float64)
+        off = flat_onnx[lo:lo + CHUNK].astype(np.float64) - flat32[lo:lo + CHUNK] - res
+        torch_error = max(torch_error, _finite_max(res))
+        onnx_error = max(onnx_error, _finite_max(off))
+    if onnx_error > 2 * torch_error + 1e-12 and not metrics.passed:
+        side = "onnx"
+    elif torch_error > 2 * onnx_error + 1e-12 and not metrics.passed:
+        side = "torch"
+    else:
+        side = "noise"
+    return Referee(torch_error, onnx_error, side)
+
+
+def _finite_max(values: np.ndarray) -> float:
+    magnitude = np.abs(values)
+    if not np.isfinite(magnitude).all():
+        magnitude = magnitude[np.isfinite(magnitude)]
+    return float(magnitude.max()) if magnitude.size else 0.0
+
+
+def _max_diff(fp32: np.ndarray, fp64: np.ndarray | None) -> float:
+    if fp64 is None or fp64.shape != fp32.shape or not fp32.size:
+        return 0.0
+    diff = np.abs(fp32.astype(np.float64) - fp64)
+    return float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0
+
+
+def feeds_for(graph: capture_onnx.OnnxGraph, example: torch.Tensor,
+              model: LoadedModel) -> dict[str, np.ndarray]:
+    """The image for the first input; forward()'s defaults for any other (RealCUGAN's alpha)."""
+    if not graph.inputs:
+        raise UsageError("the ONNX model has no inputs", hint="re-export it with an input")
+    name, dtype, _ = graph.inputs[0]
+    feeds = {name: example.numpy().astype(dtype)}
+    extra = graph.inputs[1:]
+    if not extra:
+        return feeds
+    defaults = _forward_defaults(model.module)
+    for name, dtype, shape in extra:
+        if name not in defaults:
+            raise UsageError(
+                f"the ONNX model has an input '{name}' that layerdiff cannot fill",
+                hint=f"the model's forward() has no default for '{name}'; "
+                     "export the ONNX with a single image input",
+            )
+        value = np.asarray(defaults[name], dtype=dtype)
+        dims = [d if isinstance(d, int) else 1 for d in shape]
+        feeds[name] = np.broadcast_to(value, dims).copy() if dims else value
+    return feeds
+
+
+def _forward_defaults(module: Any) -> dict[str, Any]:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return {}
+    return {p.name: p.default for p in params
+            if p.default is not inspect.Parameter.empty
+            and isinstance(p.default, (int, float, bool))}

@@ -1,0 +1,281 @@
+"""Run an ONNX graph segment by segment, so its exposed tensors never all coexist.
+
+Marking every aligned tensor as a graph output makes onnxruntime keep all of them until
+the run ends: for ESRGAN at 256x256 that is some 12 GB. Instead the nodes, in
+topological order, are cut into segments whose exposed tensors fit a byte budget. Each
+segment is a small model of its own: its inputs are the values that cross into it (fed
+from the segments before), its outputs the aligned tensors it computes and the values
+that later segments need. One pass over the segments costs about one forward of the
+whole model; the caller compares each segment's tensors and drops them before the next.
+
+Cuts are made only where every value that crosses is exposed anyway (an aligned
+tensor), a graph input, a constant or an integer (shape arithmetic). Such a "clean" cut
+changes nothing onnxruntime may fuse, since the whole-graph run exposes those values
+too, and lets a layer's local run (its consumers fed PyTorch's values) start from a
+segment's inputs alone. A stretch with no clean cut stays one segment, even above the
+budget; the caller measures and reports what memory was really used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .capture_onnx import OnnxGraph, RuntimeFailure, _failure, _needed, _session
+
+
+@dataclass(frozen=True)
+class Segment:
+    first: int  # node indices [first, stop) in the graph's topological order
+    stop: int
+    inputs: tuple[str, ...]  # values from earlier segments or graph inputs
+    marks: tuple[str, ...]  # exposed tensors computed here
+    carry: tuple[str, ...]  # values computed here that later segments or outputs need
+    marked_bytes: int  # the exposed tensors' size, as far as known
+
+
+@dataclass
+class SegmentRun:
+    values: dict[str, np.ndarray]  # marked tensors computed
+    carry: dict[str, np.ndarray]  # values for the segments after
+    failure: RuntimeFailure | None = None
+
+
+def plan(graph: OnnxGraph, marks: list[str], sizes: Mapping[str, int],
+         budget: int) -> list[Segment]:
+    """Cut ``graph`` into segments whose marked tensors (``sizes``: bytes) fit ``budget``."""
+    nodes = graph.nodes
+    count = len(nodes)
+    marked = set(marks)
+    last_use = _last_use(graph)
+    if count < 2 or _has_subgraphs(graph.model) or sum(sizes.get(m, 0) for m in marked) <= budget:
+        return [_segment(graph, 0, count, marked, last_use, sizes)]
+
+    static = _constant_derived(graph)
+    free = {t for t in last_use if t in static or _is_free(graph, t, marked)}
+    cuts: list[int] = []
+    start, used, crossing = 0, 0, 0  # crossing: non-free values live after node i
+    clean_at: int | None = None  # the latest clean cut since ``start``
+    ending: dict[int, int] = {}  # node index -> non-free values it reads last
+    for i, node in enumerate(nodes[:-1]):
+        crossing -= ending.pop(i, 0)
+        for out in node.outputs:
+            if last_use.get(out, -1) > i and out not in free:
+                crossing += 1
+                ending[last_use[out]] = ending.get(last_use[out], 0) + 1
+        used += sum(sizes.get(out, 0) for out in node.outputs if out in marked)
+        if crossing:
+            continue
+        position = i + 1  # a clean cut before node i + 1
+        if used > budget:
+            # Cut at the last clean point within budget; with none, this stretch overshoots.
+            cut = clean_at if clean_at is not None else position
+            cuts.append(cut)
+            start = cut
+            used = sum(sizes.get(o, 0) for n in nodes[start:position] for o in n.outputs
+                       if o in marked)
+        clean_at = position if position > start else None
+    bounds = [0, *cuts, count]
+    return [_segment(graph, a, b, marked, last_use, sizes) for a, b in zip(bounds, bounds[1:])]
+
+
+def _last_use(graph: OnnxGraph) -> dict[str, int]:
+    """Tensor -> index of its last consumer (past the end for graph outputs)."""
+    last: dict[str, int] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            if name:
+                last[name] = node.index
+    for name in graph.outputs:
+        last[name] = len(graph.nodes)
+    return last
+
+
+def _constant_derived(graph: OnnxGraph) -> set[str]:
+    """Tensors computed from constants alone (masks, position biases): input-independent."""
+    derived = set(graph.constants)
+    for node in graph.nodes:
+        if node.inputs and all(not i or i in derived for i in node.inputs):
+            derived.update(node.outputs)
+    return derived
+
+
+def _is_free(graph: OnnxGraph, name: str, marked: set[str]) -> bool:
+    """Values that may cross a cut: exposed anyway, inputs, constants, integers."""
+    if (name in marked or name in graph.outputs or name in graph.constants
+            or name not in graph.producer):
+        return True
+    dtype = graph.dtypes.get(name)
+    return dtype is not None and not np.issubdtype(dtype, np.floating)
+
+
+def _segment(graph: OnnxGraph, first: int, stop: int, marked: set[str],
+             last_use: dict[str, int], sizes: Mapping[str, int]) -> Segment:
+    produced: set[str] = set()
+    inputs: dict[str, None] = {}
+    for node in graph.nodes[first:stop]:
+        for name in node.inputs:
+            if name and name not in produced and name not in inputs and _crosses_in(graph, name, first):
+                inputs[name] = None
+        produced.update(node.outputs)
+    marks = tuple(t for n in graph.nodes[first:stop] for t in n.outputs if t in marked)
+    carry = tuple(t for n in graph.nodes[first:stop] for t in n.outputs
+                  if last_use.get(t, -1) >= stop)
+    return Segment(first, stop, tuple(inputs), marks, carry,
+                   sum(sizes.get(m, 0) for m in marks))
+
+
+def _crosses_in(graph: OnnxGraph, name: str, first: int) -> bool:
+    producer = graph.producer.get(name)
+    if producer is None:  # a graph input, or an initializer (which stays in the segment)
+        return name in {i[0] for i in graph.inputs}
+    return producer < first
+
+
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    """If/Loop/Scan bodies may read outer values that a cut would not see."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in model.graph.node for a in n.attribute)
+
+
+class Runner:
+    """Builds and runs the segments of one graph with one onnxruntime configuration."""
+
+    def __init__(self, graph: OnnxGraph, segments: list[Segment], *, level: str,
+                 provider: str, config: tuple[tuple[str, str], ...] = ()) -> None:
+        self.graph, self.segments = graph, segments
+        self.level, self.provider, self.config = level, provider, config
+        self._g = gs.import_onnx(graph.model)
+        by_outputs = {tuple(t.name for t in n.outputs): n for n in self._g.nodes}
+        self._nodes = [by_outputs[n.outputs] for n in graph.nodes]
+        self._tensors = self._g.tensors()
+        if len(segments) > 1:
+            # A value fed between segments takes whatever size this input has: a shape
+            # recorded at export time would make onnxruntime reject other sizes.
+            for segment in segments:
+                for name in segment.inputs:
+                    tensor = self._tensors[name]
+                    if name not in {i[0] for i in graph.inputs} and tensor.shape is not None:
+                        tensor.shape = [None] * len(tensor.shape)
+
+    def run(self, index: int, feeds: Mapping[str, np.ndarray],
+            only: set[str] | None = None) -> SegmentRun:
+        """Segment ``index`` on ``feeds`` (its inputs); ``only``: just these marks."""
+        segment = self.segments[index]
+        marks = [m for m in segment.marks if only is None or m in only]
+        outputs = list(dict.fromkeys([*marks, *segment.carry]))
+        session = _session(self._export(segment, outputs), self.level, self.provider, self.config)
+        names = [o.name for o in session.get_outputs()]
+        try:
+            values = dict(zip(names, session.run(names, _needed(session, feeds))))
+        except Exception as exc:
+            failure = _failure(exc)
+            return SegmentRun(self._upstream(segment, marks, feeds, failure), {}, failure)
+        return SegmentRun({m: values[m] for m in marks},
+                          {c: values[c] for c in segment.carry}, None)
+
+    def run_local(self, index: int, feeds: Mapping[str, np.ndarray],
+                  references: Mapping[str, np.ndarray], want: set[str]) -> dict[str, np.ndarray]:
+        """The ``want`` tensors of segment ``index``, each computed from reference values.
+
+        Every consumer of a tensor in ``references`` reads the reference instead (the
+        segment's inputs come from ``feeds``, which should hold references where there
+        are some). So one run gives each wanted layer's output on correct inputs: its
+        local error, free of what came in from upstream. Empty if onnxruntime fails.
+        """
+        segment = self.segments[index]
+        sub = self._subgraph(segment, sorted(want)).copy()
+        tensors = sub.tensors()
+        extra = {}
+        for name, value in references.items():
+            tensor = tensors.get(name)
+            if tensor is None or isinstance(tensor, gs.Constant) or name in segment.inputs:
+                continue
+            dtype = tensor.dtype if tensor.dtype is not None else self.graph.dtypes.get(name, value.dtype)
+            # No declared shape: one recorded at export time may not fit this input's size.
+            cut = gs.Variable(f"{name}__layerdiff_reference", dtype=dtype, shape=None)
+            for consumer in list(tensor.outputs):
+                for i, inp in enumerate(consumer.inputs):
+                    if inp is tensor:
+                        consumer.inputs[i] = cut
+            sub.inputs.append(cut)
+            extra[cut.name] = np.asarray(value, dtype=np.dtype(dtype))
+        session = _session(gs.export_onnx(sub).SerializeToString(), self.level, self.provider,
+                           self.config)
+        names = [o.name for o in session.get_outputs()]
+        try:
+            values = session.run(names, _needed(session, {**feeds, **extra}))
+        except Exception:
+            return {}
+        return dict(zip(names, values))
+
+    def _subgraph(self, segment: Segment, outputs: list[str]) -> gs.Graph:
+        inputs = []
+        for name in segment.inputs:
+            tensor = self._tensors[name]
+            if tensor.dtype is None:
+                tensor.dtype = self.graph.dtypes.get(name, np.float32)
+            inputs.append(tensor)
+        outs = []
+        for name in outputs:
+            tensor = self._tensors[name]
+            if tensor.dtype is None:
+                tensor.dtype = self.graph.dtypes.get(name, np.float32)
+            outs.append(tensor)
+        g = self._g
+        return gs.Graph(nodes=self._nodes[segment.first:segment.stop], inputs=inputs,
+                        outputs=outs, name=g.name, opset=g.opset,
+                        import_domains=g.import_domains, functions=g.functions,
+                        producer_name=g.producer_name, producer_version=g.producer_version,
+                        ir_version=getattr(g, "ir_version", None))
+
+    def _export(self, segment: Segment, outputs: list[str]) -> bytes:
+        return gs.export_onnx(self._subgraph(segment, outputs)).SerializeToString()
+
+    def _upstream(self, segment: Segment, marks: list[str], feeds: Mapping[str, np.ndarray],
+                  failure: RuntimeFailure) -> dict[str, np.ndarray]:
+        """The marks of ``segment`` that do not depend on the failed node, computed."""
+        start = next((n for n in self.graph.nodes[segment.first:segment.stop]
+                      if n.name == failure.node), None)
+        if start is None:
+            return {}
+        tainted = self.graph.descendants(start.index)
+        upstream = [m for m in marks if m not in tainted]
+        if not upstream:
+            return {}
+        sub = self._subgraph(segment, upstream).copy()
+        sub.cleanup()
+        session = _session(gs.export_onnx(sub).SerializeToString(), self.level, self.provider,
+                           self.config)
+        try:
+            return dict(zip([o.name for o in session.get_outputs()],
+                            session.run(None, _needed(session, feeds))))
+        except Exception:
+            return {}
+
+
+def walk(runner: Runner, feeds: Mapping[str, np.ndarray], *, start: int = 0,
+         carried: Mapping[str, np.ndarray] | None = None,
+         only: set[str] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray], SegmentRun]]:
+    """Run the segments in order from ``start``, carrying values between them.
+
+    Yields (segment index, the feeds it ran on, its run); stops after a failure.
+    ``carried``: the values crossing into ``start`` (from an earlier walk).
+    """
+    known: dict[str, np.ndarray] = {**feeds, **(carried or {})}
+    for index in range(start, len(runner.segments)):
+        segment = runner.segments[index]
+        inputs = {name: known[name] for name in segment.inputs}
+        result = runner.run(index, inputs, only)
+        yield index, inputs, result
+        if result.failure is not None:
+            return
+        known.update(result.carry)
+        # Forget values no later segment reads.
+        later = {n for s in runner.segments[index + 1:] for n in s.inputs}
+        known = {k: v for k, v in known.items() if k in later or k in feeds}
+

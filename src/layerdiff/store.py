@@ -1,0 +1,197 @@
+"""Tensors kept within a memory budget: in RAM while they fit, on disk beyond.
+
+A full-size model's activations do not fit in memory (ESRGAN at 256x256: about 12 GB of
+module outputs). A ``Spill`` holds arrays in RAM up to its budget; past it, the oldest
+ones are written to a private temporary folder as .npy files and read back on demand
+(a fresh copy each time, freed when the caller drops it). Several ``TensorStore`` views
+(one per input case) share one Spill, so one budget covers all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LayerdiffError
+
+
+class Spill:
+    """Arrays by key, at most ``budget`` bytes of them in RAM; the rest in ``folder``."""
+
+    def __init__(self, budget: int, folder: str | Path | None = None) -> None:
+        self.budget = max(int(budget), 0)
+        self._parent = folder
+        self._folder: Path | None = None
+        self._ram: OrderedDict[Hashable, np.ndarray] = OrderedDict()  # oldest first
+        self._disk: dict[Hashable, tuple[Path, tuple, np.dtype]] = {}
+        self.ram_bytes = 0
+        self.disk_bytes = 0
+        self.written_bytes = 0  # all that ever went to disk
+        self.peak_ram_bytes = 0
+
+    def put(self, key: Hashable, value: np.ndarray) -> None:
+        self.drop(key)
+        value = np.ascontiguousarray(value)
+        self._ram[key] = value
+        self.ram_bytes += value.nbytes
+        while self.ram_bytes > self.budget and self._ram:
+            self._evict()
+        self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes)
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        value = self._ram.get(key)
+        if value is not None:
+            return value
+        entry = self._disk.get(key)
+        if entry is None:
+            return None
+        path, _, _ = entry
+        return np.load(path, allow_pickle=False)
+
+    def shape_of(self, key: Hashable) -> tuple | None:
+        value = self._ram.get(key)
+        if value is not None:
+            return value.shape
+        entry = self._disk.get(key)
+        return None if entry is None else entry[1]
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._ram or key in self._disk
+
+    def keys(self) -> list[Hashable]:
+        return [*self._ram, *self._disk]
+
+    def drop(self, key: Hashable) -> None:
+        value = self._ram.pop(key, None)
+        if value is not None:
+            self.ram_bytes -= value.nbytes
+        entry = self._disk.pop(key, None)
+        if entry is not None:
+            path, shape, dtype = entry
+            self.disk_bytes -= int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._ram.clear()
+        self._disk.clear()
+        self.ram_bytes = self.disk_bytes = 0
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __enter__(self) -> "Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _evict(self) -> None:
+        key, value = self._ram.popitem(last=False)
+        self.ram_bytes -= value.nbytes
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="layerdiff-spill-", dir=self._parent))
+        path = self._folder / f"{len(self._disk)}-{os.getpid()}-{id(value)}.npy"
+        try:
+            np.save(path, value, allow_pickle=False)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise LayerdiffError(
+                f"cannot write activations to {self._folder}: {exc.strerror or exc}",
+                hint="free disk space there, point TMPDIR at a larger disk, or raise --max-memory",
+            ) from exc
+        self._disk[key] = (path, value.shape, value.dtype)
+        self.disk_bytes += value.nbytes
+        self.written_bytes += value.nbytes
+
+
+class TensorStore(Mapping):
+    """A read-mostly mapping of one namespace of a Spill (e.g. one input's activations)."""
+
+    def __init__(self, spill: Spill, namespace: Hashable) -> None:
+        self.spill, self.namespace = spill, namespace
+        self._keys: list[Hashable] = []
+
+    def __setitem__(self, key: Hashable, value: np.ndarray) -> None:
+        if (self.namespace, key) not in self.spill:
+            self._keys.append(key)
+        self.spill.put((self.namespace, key), value)
+
+    def __getitem__(self, key: Hashable) -> np.ndarray:
+        value = self.spill.get((self.namespace, key))
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def shape_of(self, key: Hashable) -> tuple | None:
+        return self.spill.shape_of((self.namespace, key))
+
+    def __contains__(self, key: object) -> bool:
+        return (self.namespace, key) in self.spill
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def parse_size(text: str) -> int:
+    """'6G', '512M', '6GiB', '2.5g' or a plain byte count -> bytes."""
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    factor = units.get(cleaned[-1:], 1)
+    number = cleaned[:-1] if cleaned[-1:] in units else cleaned
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: '{text}' (use e.g. 6G or 512M)") from None
+    if value <= 0:
+        raise ValueError(f"not a size: '{text}' (must be positive)")
+    return int(value * factor)
+
+
+DEFAULT_MAX_MEMORY = 4 * 2**30
+
+
+def available_memory() -> int:
+    """Memory the system can give without swapping (MemAvailable), in bytes."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def default_max_memory() -> int:
+    """4 GiB, or what the process holds now plus half of the available memory when less."""
+    return int(min(DEFAULT_MAX_MEMORY, current_rss() + available_memory() // 2))
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
