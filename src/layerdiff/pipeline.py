@@ -125,9 +125,9 @@ def diagnose(
     if settings.max_memory <= 0:
         raise UsageError("--max-memory must be positive", hint="e.g. --max-memory 6G")
     held, peak_before = memory.current_rss(), memory.peak_rss()
-    headroom = max(settings.max_memory - held, 64 * 2**20)
-    with memory.Spill(int(STORE_SHARE * headroom)) as spill:
-        runner = CaseRunner(loaded, graph, settings, say, spill, int(SEGMENT_SHARE * headroom))
+    store_bytes, segment_bytes = budgets(settings.max_memory, held)
+    with memory.Spill(store_bytes) as spill:
+        runner = CaseRunner(loaded, graph, settings, say, spill, segment_bytes)
         diagnosis = _run_cases(runner, loaded, source, graph, settings, notes, main_input, out,
                                fp32_path, fix_fp16, export_size, reproducer_for)
         spilled = spill.written_bytes
@@ -142,6 +142,13 @@ def diagnose(
                      "this input size (or a segment of the graph could not be cut smaller). "
                      "Use a smaller --input-shape or raise --max-memory.")
     return replace(diagnosis, facts=facts, notes=tuple(notes))
+
+
+def budgets(limit: int, held: int) -> tuple[int, int]:
+    """Bytes of PyTorch activations kept in RAM, and of aligned tensors per ONNX segment,
+    for a diagnosis that may use ``limit`` bytes in a process holding ``held`` now."""
+    headroom = max(limit - held, 64 * 2**20)
+    return int(STORE_SHARE * headroom), int(SEGMENT_SHARE * headroom)
 
 
 def _memory_facts(facts: Facts, limit: int, held: int, peak_before: int, spilled: int) -> Facts:

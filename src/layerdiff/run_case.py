@@ -167,7 +167,7 @@ class CaseRunner:
         s = self.settings
         by_tensor = _positions(alignment)
         result = _FirstPass({}, {}, {}, None, None)
-        for index, inputs, run in segments.walk(runner, feeds):
+        for index, known, run in segments.walk(runner, feeds):
             for tensor, value in run.values.items():
                 for k in by_tensor.get(tensor, ()):
                     pair = alignment.pairs[k]
@@ -178,7 +178,7 @@ class CaseRunner:
                     result.metrics[k] = compare(captured.activations[pair.call], value,
                                                 rtol=s.rtol, atol=s.atol)
                     if not result.metrics[k].passed and result.resume is None:
-                        result.resume = (index, inputs)
+                        result.resume = (index, known)
             result.outputs.update({n: v for n, v in run.carry.items() if n in self.graph.outputs})
             result.outputs.update({n: v for n, v in run.values.items() if n in self.graph.outputs})
             result.failure = run.failure
@@ -200,7 +200,8 @@ class CaseRunner:
         last = max(i for i, seg in enumerate(runner.segments)
                    if any(k in failing for m in seg.marks for k in by_tensor.get(m, ())))
         start, carried = resume
-        for index, inputs, run in segments.walk(runner, feeds, start=start, carried=carried):
+        for index, known, run in segments.walk(runner, feeds, start=start, carried=carried):
+            inputs = {name: known[name] for name in runner.segments[index].inputs}
             here = [k for t in run.values for k in by_tensor.get(t, ()) if k in failing]
             for k in here:
                 pair = kept[k]

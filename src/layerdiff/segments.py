@@ -33,6 +33,9 @@ class Segment:
     first: int  # node indices [first, stop) in the graph's topological order
     stop: int
     inputs: tuple[str, ...]  # values from earlier segments or graph inputs
+    # Earlier nodes that compute, from constants alone, values this segment reads: run
+    # again here so onnxruntime folds them into constants as in the whole graph.
+    prelude: tuple[int, ...]
     marks: tuple[str, ...]  # exposed tensors computed here
     carry: tuple[str, ...]  # values computed here that later segments or outputs need
     marked_bytes: int  # the exposed tensors' size, as far as known
@@ -52,10 +55,10 @@ def plan(graph: OnnxGraph, marks: list[str], sizes: Mapping[str, int],
     count = len(nodes)
     marked = set(marks)
     last_use = _last_use(graph)
-    if count < 2 or _has_subgraphs(graph.model) or sum(sizes.get(m, 0) for m in marked) <= budget:
-        return [_segment(graph, 0, count, marked, last_use, sizes)]
-
     static = _constant_derived(graph)
+    if count < 2 or _has_subgraphs(graph.model) or sum(sizes.get(m, 0) for m in marked) <= budget:
+        return [_segment(graph, 0, count, marked, last_use, sizes, static)]
+
     free = {t for t in last_use if t in static or _is_free(graph, t, marked)}
     cuts: list[int] = []
     start, used, crossing = 0, 0, 0  # crossing: non-free values live after node i
@@ -80,7 +83,8 @@ def plan(graph: OnnxGraph, marks: list[str], sizes: Mapping[str, int],
                        if o in marked)
         clean_at = position if position > start else None
     bounds = [0, *cuts, count]
-    return [_segment(graph, a, b, marked, last_use, sizes) for a, b in zip(bounds, bounds[1:])]
+    return [_segment(graph, a, b, marked, last_use, sizes, static)
+            for a, b in zip(bounds, bounds[1:])]
 
 
 def _last_use(graph: OnnxGraph) -> dict[str, int]:
@@ -114,19 +118,37 @@ def _is_free(graph: OnnxGraph, name: str, marked: set[str]) -> bool:
 
 
 def _segment(graph: OnnxGraph, first: int, stop: int, marked: set[str],
-             last_use: dict[str, int], sizes: Mapping[str, int]) -> Segment:
+             last_use: dict[str, int], sizes: Mapping[str, int], static: set[str]) -> Segment:
     produced: set[str] = set()
     inputs: dict[str, None] = {}
+    prelude: set[int] = set()
     for node in graph.nodes[first:stop]:
         for name in node.inputs:
-            if name and name not in produced and name not in inputs and _crosses_in(graph, name, first):
+            if not name or name in produced or name in inputs or not _crosses_in(graph, name, first):
+                continue
+            if name in static:
+                prelude |= _ancestors(graph, name)
+            else:
                 inputs[name] = None
         produced.update(node.outputs)
     marks = tuple(t for n in graph.nodes[first:stop] for t in n.outputs if t in marked)
     carry = tuple(t for n in graph.nodes[first:stop] for t in n.outputs
                   if last_use.get(t, -1) >= stop)
-    return Segment(first, stop, tuple(inputs), marks, carry,
+    return Segment(first, stop, tuple(inputs), tuple(sorted(prelude)), marks, carry,
                    sum(sizes.get(m, 0) for m in marks))
+
+
+def _ancestors(graph: OnnxGraph, name: str) -> set[int]:
+    """Indices of the nodes that ``name`` is computed from (itself included)."""
+    found: set[int] = set()
+    stack = [name]
+    while stack:
+        index = graph.producer.get(stack.pop())
+        if index is None or index in found:
+            continue
+        found.add(index)
+        stack.extend(i for i in graph.nodes[index].inputs if i)
+    return found
 
 
 def _crosses_in(graph: OnnxGraph, name: str, first: int) -> bool:
@@ -153,14 +175,9 @@ class Runner:
         by_outputs = {tuple(t.name for t in n.outputs): n for n in self._g.nodes}
         self._nodes = [by_outputs[n.outputs] for n in graph.nodes]
         self._tensors = self._g.tensors()
-        if len(segments) > 1:
-            # A value fed between segments takes whatever size this input has: a shape
-            # recorded at export time would make onnxruntime reject other sizes.
-            for segment in segments:
-                for name in segment.inputs:
-                    tensor = self._tensors[name]
-                    if name not in {i[0] for i in graph.inputs} and tensor.shape is not None:
-                        tensor.shape = [None] * len(tensor.shape)
+        self._graph_inputs = {i[0] for i in graph.inputs}
+        self._declared = {name: tuple(t.shape) if t.shape is not None else None
+                          for name, t in self._tensors.items()}
 
     def run(self, index: int, feeds: Mapping[str, np.ndarray],
             only: set[str] | None = None) -> SegmentRun:
@@ -168,7 +185,8 @@ class Runner:
         segment = self.segments[index]
         marks = [m for m in segment.marks if only is None or m in only]
         outputs = list(dict.fromkeys([*marks, *segment.carry]))
-        session = _session(self._export(segment, outputs), self.level, self.provider, self.config)
+        session = _session(self._export(segment, outputs, feeds), self.level, self.provider,
+                           self.config)
         names = [o.name for o in session.get_outputs()]
         try:
             values = dict(zip(names, session.run(names, _needed(session, feeds))))
@@ -188,7 +206,7 @@ class Runner:
         local error, free of what came in from upstream. Empty if onnxruntime fails.
         """
         segment = self.segments[index]
-        sub = self._subgraph(segment, sorted(want)).copy()
+        sub = self._subgraph(segment, sorted(want), feeds).copy()
         tensors = sub.tensors()
         extra = {}
         for name, value in references.items():
@@ -213,12 +231,15 @@ class Runner:
             return {}
         return dict(zip(names, values))
 
-    def _subgraph(self, segment: Segment, outputs: list[str]) -> gs.Graph:
+    def _subgraph(self, segment: Segment, outputs: list[str],
+                  feeds: Mapping[str, np.ndarray]) -> gs.Graph:
         inputs = []
         for name in segment.inputs:
             tensor = self._tensors[name]
             if tensor.dtype is None:
                 tensor.dtype = self.graph.dtypes.get(name, np.float32)
+            if name in feeds and name not in self._graph_inputs:
+                tensor.shape = self._shape_for(name, feeds[name].shape)
             inputs.append(tensor)
         outs = []
         for name in outputs:
@@ -227,14 +248,26 @@ class Runner:
                 tensor.dtype = self.graph.dtypes.get(name, np.float32)
             outs.append(tensor)
         g = self._g
-        return gs.Graph(nodes=self._nodes[segment.first:segment.stop], inputs=inputs,
+        nodes = [self._nodes[i] for i in segment.prelude] + self._nodes[segment.first:segment.stop]
+        return gs.Graph(nodes=nodes, inputs=inputs,
                         outputs=outs, name=g.name, opset=g.opset,
                         import_domains=g.import_domains, functions=g.functions,
                         producer_name=g.producer_name, producer_version=g.producer_version,
                         ir_version=getattr(g, "ir_version", None))
 
-    def _export(self, segment: Segment, outputs: list[str]) -> bytes:
-        return gs.export_onnx(self._subgraph(segment, outputs)).SerializeToString()
+    def _shape_for(self, name: str, actual: tuple[int, ...]) -> list | None:
+        """The shape a value fed between segments is declared with: what the whole graph
+        knows of it (its inferred or recorded shape), so that onnxruntime optimises each
+        segment as it would the whole graph, with any size this input contradicts
+        (one recorded at export time, at another size) left unknown."""
+        known = self.graph.shapes.get(name) or self._declared.get(name)
+        if known is None or len(known) != len(actual):
+            return [None] * len(actual)
+        return [d if isinstance(d, str) or d == a else None for d, a in zip(known, actual)]
+
+    def _export(self, segment: Segment, outputs: list[str],
+                feeds: Mapping[str, np.ndarray]) -> bytes:
+        return gs.export_onnx(self._subgraph(segment, outputs, feeds)).SerializeToString()
 
     def _upstream(self, segment: Segment, marks: list[str], feeds: Mapping[str, np.ndarray],
                   failure: RuntimeFailure) -> dict[str, np.ndarray]:
@@ -247,7 +280,7 @@ class Runner:
         upstream = [m for m in marks if m not in tainted]
         if not upstream:
             return {}
-        sub = self._subgraph(segment, upstream).copy()
+        sub = self._subgraph(segment, upstream, feeds).copy()
         sub.cleanup()
         session = _session(gs.export_onnx(sub).SerializeToString(), self.level, self.provider,
                            self.config)
@@ -263,19 +296,16 @@ def walk(runner: Runner, feeds: Mapping[str, np.ndarray], *, start: int = 0,
          only: set[str] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray], SegmentRun]]:
     """Run the segments in order from ``start``, carrying values between them.
 
-    Yields (segment index, the feeds it ran on, its run); stops after a failure.
-    ``carried``: the values crossing into ``start`` (from an earlier walk).
+    Yields (segment index, the values available to it and every later segment, its
+    run) and stops after a failure. The values dict is never changed afterwards, so a
+    caller may keep it to resume a walk there later (``start``, ``carried``).
     """
     known: dict[str, np.ndarray] = {**feeds, **(carried or {})}
     for index in range(start, len(runner.segments)):
         segment = runner.segments[index]
-        inputs = {name: known[name] for name in segment.inputs}
-        result = runner.run(index, inputs, only)
-        yield index, inputs, result
+        result = runner.run(index, {name: known[name] for name in segment.inputs}, only)
+        yield index, known, result
         if result.failure is not None:
             return
-        known.update(result.carry)
-        # Forget values no later segment reads.
         later = {n for s in runner.segments[index + 1:] for n in s.inputs}
-        known = {k: v for k, v in known.items() if k in later or k in feeds}
-
+        known = {k: v for k, v in {**known, **result.carry}.items() if k in later or k in feeds}

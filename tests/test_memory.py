@@ -1,0 +1,106 @@
+"""Bounded memory: a diagnosis that spills activations to disk and runs ONNX in many
+segments gives exactly the results of one that holds everything in memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from layerdiff import pipeline, store
+from layerdiff.pipeline import diagnose
+from samples import faults
+
+from conftest import SHAPE, make_model, with_fault
+
+UNBOUNDED = 64 * 2**30
+
+
+def tight(monkeypatch):
+    """Budgets far below the models' activations: nothing stays in RAM, and every
+    segment holds at most one aligned tensor's worth."""
+    monkeypatch.setattr(pipeline, "budgets", lambda limit, held: (0, 1))
+
+
+def same_results(a, b):
+    assert a.verdict == b.verdict
+    assert a.summary == b.summary
+    assert a.outputs == b.outputs
+    assert len(a.layers) == len(b.layers)
+    for x, y in zip(a.layers, b.layers):
+        assert x == y, (x.module, x.status, y.status)
+    assert a.first_divergence == b.first_divergence
+    assert a.alignment == b.alignment
+    assert a.cases == b.cases
+    assert [s.rule for s in a.suggestions] == [s.rule for s in b.suggestions]
+    assert a.previews.keys() == b.previews.keys()
+    for key in a.previews:
+        np.testing.assert_array_equal(a.previews[key], b.previews[key])
+    facts = lambda d: dataclasses.replace(d.facts, peak_memory=None, over_memory=False,
+                                          spilled_bytes=0, segments=1)
+    assert facts(a) == facts(b)
+
+
+CASES = {
+    "esrgan clean, two sizes": ("esrgan", "legacy", None, {}),
+    "swinir dynamo clean": ("swinir", "dynamo", None, {"check_sizes": ()}),
+    "swinir frozen shape at the odd size": ("swinir", "nameless", None, {}),
+    "compact conv weight": ("compact", "legacy",
+                            lambda m: faults.scale_weight(m, "Conv", 3, 1.5), {}),
+    "esrgan leaky slope, ignored": ("esrgan", "legacy", lambda m: faults.leaky_slope(m, 0.1, 2),
+                                    {"ignore": ("*lrelu*",)}),
+    "esrgan one channel +1%": ("esrgan", "dynamo",
+                               lambda m: faults.scale_weight(m, "Conv", 2, 1.01, channel=1),
+                               {"check_sizes": ()}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bounded_run_matches_unbounded(name, exported, tmp_path, monkeypatch):
+    arch, how, fault, kwargs = CASES[name]
+    path = exported(arch, how)
+    if fault is not None:
+        path, _ = with_fault(path, fault, tmp_path)
+    free = diagnose(make_model(arch), path, input_shape=SHAPE, max_memory=UNBOUNDED, **kwargs)
+    assert free.facts.segments == 1 and free.facts.spilled_bytes == 0
+    tight(monkeypatch)
+    bounded = diagnose(make_model(arch), path, input_shape=SHAPE, max_memory=UNBOUNDED, **kwargs)
+    assert bounded.facts.segments > 3, "the tight budget must cut the graph"
+    assert bounded.facts.spilled_bytes > 0, "the tight budget must spill activations"
+    same_results(free, bounded)
+
+
+def test_spill_keeps_values_and_cleans_up(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {i: rng.standard_normal((3, 5, 7)).astype(np.float32) for i in range(6)}
+    with store.Spill(budget=2 * arrays[0].nbytes, folder=tmp_path) as spill:
+        view = store.TensorStore(spill, "a")
+        for key, value in arrays.items():
+            view[key] = value
+        assert spill.ram_bytes <= 2 * arrays[0].nbytes and spill.disk_bytes == 4 * arrays[0].nbytes
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(view[key], value)
+        assert list(view) == list(arrays) and view.shape_of(5) == (3, 5, 7)
+        assert list(tmp_path.iterdir())
+    assert not any(p.is_dir() for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text,expected", [("6G", 6 * 2**30), ("512M", 512 * 2**20),
+                                           ("1.5GiB", int(1.5 * 2**30)), ("1000", 1000)])
+def test_parse_size(text, expected):
+    assert store.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "lots"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        store.parse_size(text)
+
+
+def test_peak_over_the_limit_is_reported(exported):
+    d = diagnose(make_model("compact"), exported("compact", "legacy"), input_shape=SHAPE,
+                 check_sizes=(), max_memory=1)
+    assert d.facts.over_memory is (d.facts.peak_memory is not None)
+    if d.facts.peak_memory is not None:
+        assert any("exceeded --max-memory" in n for n in d.notes)
