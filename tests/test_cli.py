@@ -136,3 +136,23 @@ def test_align_prints_the_pairing_table_and_coverage(capsys):
     assert "module names in the file: no" in out
     coverage = out.strip().splitlines()[-1]
     assert coverage.startswith("40 module calls: 98% paired")
+
+
+def test_max_memory_is_applied_and_reported(tmp_path, capsys):
+    code, _, err, report = run([SAMPLES / "compact_x4.pth", "--onnx", SAMPLES / "compact_x4.onnx",
+                                "--max-memory", "3G", "--check-sizes", "none"], tmp_path, capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["settings"]["max_memory"] == 3 * 2**30
+    facts = data["facts"]
+    assert facts["segments"] == 1 and facts["spilled_bytes"] == 0 and facts["over_memory"] is False
+    assert facts["peak_memory"] is None or facts["peak_memory"] > 0
+    assert "limit 3.00 GiB" in report.read_text()
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-2G"])
+def test_bad_max_memory_exits_2(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["report", str(SAMPLES / "compact_x4.pth"), f"--max-memory={value}"])
+    assert stop.value.code == 2
+    assert "--max-memory" in capsys.readouterr().err

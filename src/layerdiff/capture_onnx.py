@@ -1,11 +1,9 @@
-"""Read an ONNX graph and run it with chosen intermediate tensors exposed.
+"""Read an ONNX graph; build onnxruntime sessions; read onnxruntime's failures.
 
-The only module that imports onnx-graphsurgeon and onnxruntime. It hands the aligner a
-plain view of the graph (``OnnxGraph``), and runs an instrumented copy in which the
-aligned tensors are marked as graph outputs with onnx-graphsurgeon, so one onnxruntime
-run yields all of them. A node that fails at run time is located from onnxruntime's
-message, and the graph is pruned to what lies upstream of it and run again, so the
-layers before the failure are still compared.
+With segments.py, the only module that imports onnx-graphsurgeon and onnxruntime. It
+hands the aligner a plain view of the graph (``OnnxGraph``); segments.py runs that
+graph in pieces with the aligned tensors exposed. A node that fails at run time is
+located from onnxruntime's message (``_failure``).
 """
 
 from __future__ import annotations
@@ -77,13 +75,6 @@ class RuntimeFailure:
     node: str
     op_type: str
     message: str
-
-
-@dataclass
-class OnnxRun:
-    values: dict[str, np.ndarray]  # marked tensors that were computed
-    outputs: list[np.ndarray] | None  # final outputs; None when the run failed
-    failure: RuntimeFailure | None = None
 
 
 # --------------------------------------------------------------------------- loading
@@ -212,84 +203,6 @@ def _dtype_name(dtype) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def run(
-    graph: OnnxGraph,
-    feeds: dict[str, np.ndarray],
-    mark: list[str],
-    *,
-    level: str = "all",
-    provider: str = "CPUExecutionProvider",
-    config: tuple[tuple[str, str], ...] = (),
-) -> OnnxRun:
-    """Run ``graph`` once with the tensors in ``mark`` exposed as extra outputs."""
-    mark = [m for m in dict.fromkeys(mark) if m not in graph.outputs]
-    session = _session(_instrumented(graph, mark, keep_outputs=True), level, provider, config)
-    names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run(names, feeds)
-    except Exception as exc:
-        failure = _failure(exc)
-        upstream = _upstream_only(graph, mark, failure.node)
-        partial: dict[str, np.ndarray] = {}
-        if upstream:
-            sub = _session(_instrumented(graph, upstream, keep_outputs=False), level, provider, config)
-            partial = dict(zip([o.name for o in sub.get_outputs()],
-                               sub.run(None, _needed(sub, feeds))))
-        return OnnxRun(values=partial, outputs=None, failure=failure)
-    by_name = dict(zip(names, values))
-    return OnnxRun(
-        values=by_name,
-        outputs=[by_name[o] for o in graph.outputs],
-    )
-
-
-def run_local(
-    graph: OnnxGraph,
-    feeds: dict[str, np.ndarray],
-    references: dict[str, np.ndarray],
-    *,
-    level: str = "all",
-    provider: str = "CPUExecutionProvider",
-    config: tuple[tuple[str, str], ...] = (),
-) -> OnnxRun:
-    """Each aligned tensor computed by its own segment from the reference values upstream.
-
-    Every tensor in ``references`` (name -> the PyTorch value) stays computed by ONNX and
-    exposed, but its consumers read a new graph input fed with the reference instead. So
-    one run gives, for every aligned layer, the output of just its segment of the graph
-    on correct inputs: its local error, free of what came in from upstream.
-    """
-    g = gs.import_onnx(graph.model)
-    tensors = g.tensors()
-    extra_feeds = {}
-    exposed = []
-    for name, value in references.items():
-        tensor = tensors.get(name)
-        if tensor is None or isinstance(tensor, gs.Constant):
-            continue
-        dtype = tensor.dtype if tensor.dtype is not None else graph.dtypes.get(name, value.dtype)
-        # No declared shape: a static one would make onnxruntime propagate sizes that
-        # contradict the exporter's own value_info when the input is not the trace size.
-        cut = gs.Variable(f"{name}__layerdiff_reference", dtype=dtype, shape=None)
-        for consumer in list(tensor.outputs):
-            for i, inp in enumerate(consumer.inputs):
-                if inp is tensor:
-                    consumer.inputs[i] = cut
-        g.inputs.append(cut)
-        extra_feeds[cut.name] = np.asarray(value, dtype=np.dtype(dtype))
-        if tensor.dtype is None:
-            tensor.dtype = dtype
-        exposed.append(tensor)
-    g.outputs = list(g.outputs) + [t for t in exposed if t not in g.outputs]
-    session = _session(gs.export_onnx(g).SerializeToString(), level, provider, config)
-    names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run(names, {**feeds, **extra_feeds})
-    except Exception as exc:
-        return OnnxRun(values={}, outputs=None, failure=_failure(exc))
-    return OnnxRun(values=dict(zip(names, values)), outputs=None)
-
-
 def optimised_producer(graph: OnnxGraph, node_name: str, *, level: str, provider: str,
                        config: tuple[tuple[str, str], ...] = ()) -> str:
     """What onnxruntime's optimiser made of ``node_name``: the op that now produces its
@@ -303,7 +216,7 @@ def optimised_producer(graph: OnnxGraph, node_name: str, *, level: str, provider
     with tempfile.TemporaryDirectory() as folder:
         options.optimized_model_filepath = str(Path(folder) / "optimised.onnx")
         try:
-            ort.InferenceSession(_instrumented(graph, [node.outputs[0]], keep_outputs=True),
+            ort.InferenceSession(_exposing(graph, node.outputs[0]),
                                  options, providers=[provider])
             optimised = onnx.load(options.optimized_model_filepath)
         except Exception:  # only an explanation; the diagnosis stands without it
@@ -324,26 +237,24 @@ def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], *, level: str = "a
     return session.run(None, feeds)
 
 
-def _instrumented(graph: OnnxGraph, mark: list[str], *, keep_outputs: bool) -> bytes:
+def _exposing(graph: OnnxGraph, name: str) -> bytes:
+    """The model with tensor ``name`` exposed as an extra output."""
     g = gs.import_onnx(graph.model)
-    tensors = g.tensors()
-    exposed = []
-    for name in mark:
-        tensor = tensors.get(name)
-        if tensor is None or isinstance(tensor, gs.Constant):
-            continue
+    tensor = g.tensors().get(name)
+    if tensor is not None and not isinstance(tensor, gs.Constant):
         if tensor.dtype is None:
             tensor.dtype = graph.dtypes.get(name, np.float32)
-        exposed.append(tensor)
-    g.outputs = (list(g.outputs) if keep_outputs else []) + exposed
-    if not keep_outputs:
-        g.cleanup()
+        g.outputs = list(g.outputs) + [tensor]
     return gs.export_onnx(g).SerializeToString()
 
 
-def _options(level: str, config: tuple[tuple[str, str], ...]) -> ort.SessionOptions:
+def _options(level: str, config: tuple[tuple[str, str], ...], *,
+             arena: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
+    # onnxruntime's CPU arena grows to a run's peak and lives as long as any tensor it
+    # handed out: one small value kept from a segment would hold the whole arena.
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 4  # failures reach us as exceptions; keep stderr clean
     for key, value in config:  # session options the user deploys with
         options.add_session_config_entry(key, value)
@@ -351,8 +262,8 @@ def _options(level: str, config: tuple[tuple[str, str], ...]) -> ort.SessionOpti
 
 
 def _session(model: bytes, level: str, provider: str,
-             config: tuple[tuple[str, str], ...] = ()) -> ort.InferenceSession:
-    options = _options(level, config)
+             config: tuple[tuple[str, str], ...] = (), *, arena: bool = True) -> ort.InferenceSession:
+    options = _options(level, config, arena=arena)
     try:
         return ort.InferenceSession(model, options, providers=[provider])
     except Exception as exc:
@@ -388,13 +299,3 @@ def _readable(message: str) -> str:
     text = _SOURCE_LOCATION.sub("", text).strip()
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     return text or message
-
-
-def _upstream_only(graph: OnnxGraph, mark: list[str], failed_node: str) -> list[str]:
-    """Marked tensors that do not depend on ``failed_node`` (all of them if unknown)."""
-    start = next((n for n in graph.nodes if n.name == failed_node), None)
-    if start is None:
-        return []
-    tainted = graph.descendants(start.index)
-    return [m for m in mark if m not in tainted and m in graph.producer]
-

@@ -65,6 +65,7 @@ class _Recorder:
                  visit: Callable[[int, torch.Tensor], None] | None) -> None:
         self.calls: list[TorchCall] = []
         self.activations = store
+        self._copy = isinstance(store, dict)
         self._visit = visit
         self.parameters: dict[int, dict[str, np.ndarray]] = {}
         # id(tensor) -> (weakref to it, its version when recorded, producing call).
@@ -119,8 +120,8 @@ class _Recorder:
             if alias is None:
                 if self._visit is not None:
                     self._visit(index, tensor.detach())
-                else:
-                    self.activations[index] = _to_numpy(tensor)
+                else:  # a view: the store keeps a copy of it (or writes it to disk)
+                    self.activations[index] = _to_numpy(tensor, copy=self._copy)
                 if params:
                     self.parameters[index] = params
             self._remember(tensor, index)
@@ -135,11 +136,12 @@ class _Recorder:
         return changed
 
 
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def _to_numpy(tensor: torch.Tensor, copy: bool = True) -> np.ndarray:
     t = tensor.detach()
     if t.is_floating_point() and t.dtype != torch.float64:
         t = t.float()
-    return t.cpu().numpy().copy()
+    values = t.cpu().numpy()
+    return values.copy() if copy else values
 
 
 @contextlib.contextmanager
@@ -175,8 +177,9 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
             visit: Callable[[int, torch.Tensor], None] | None = None) -> TorchCapture:
     """Run ``model`` once on a private copy of ``example`` and record every submodule call.
 
-    Each output's values go into ``store`` (a dict by default; a store.TensorStore keeps
-    them within a memory budget), or, with ``visit``, are handed to ``visit(index,
+    Each output's values go into ``store`` (a dict of copies by default; a
+    store.TensorStore, which copies or writes what it is given, keeps them within a
+    memory budget), or, with ``visit``, are handed to ``visit(index,
     tensor)`` as they are made and not kept. TorchScript modules take no hooks: for them
     only the final outputs are captured.
     """

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "optimization.enable_gelu_approximation=1; repeatable")
     report.add_argument("--provider", default="CPUExecutionProvider",
                         help="onnxruntime execution provider (default: CPUExecutionProvider)")
+    report.add_argument("--max-memory", metavar="SIZE", type=_bytes,
+                        help="memory the diagnosis may use, e.g. 6G or 512M (default: 4G, or "
+                             "half the available memory when less); activations beyond it go "
+                             "to a temporary folder (TMPDIR) and the ONNX graph runs in "
+                             "segments; a peak above it is reported")
     report.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
     report.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and exporter output")
     explain = sub.add_parser(
@@ -112,6 +117,15 @@ def _size(text: str) -> tuple[int, int] | None:
     if min(height, width) <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size like 48,80")
     return height, width
+
+
+def _bytes(text: str) -> int:
+    from .store import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _config_entry(text: str) -> tuple[str, str]:
@@ -194,7 +208,7 @@ def _report(args: argparse.Namespace) -> int:
         output_dir=output.parent if output else default_dir,
         trust_pickle=args.trust_pickle, ort_level=args.ort_level,
         ort_config=dict(args.ort_config), provider=args.provider,
-        progress=progress, reproducer_for=report_path,
+        progress=progress, reproducer_for=report_path, max_memory=args.max_memory,
     )
     output = report_path
     render.write_html(diagnosis, output)

@@ -292,6 +292,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "provider": s.provider,
         "ort_level": s.ort_level,
         "ort_config": {str(k): str(v) for k, v in getattr(s, "ort_config", ())},
+        "max_memory": int(s.max_memory) if s.max_memory else None,
     }
 
     f = d.facts
@@ -308,6 +309,10 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "export_size": _plain(f.export_size),
         "fp16": _fp16_json(f.fp16),
         "fp16_fix": None if f.fp16_fix is None else {"path": f.fp16_fix[0], "verdict": f.fp16_fix[1]},
+        "peak_memory": f.peak_memory,
+        "over_memory": bool(f.over_memory),
+        "spilled_bytes": int(f.spilled_bytes),
+        "segments": int(f.segments),
     }
 
     return {

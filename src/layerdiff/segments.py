@@ -186,15 +186,16 @@ class Runner:
         marks = [m for m in segment.marks if only is None or m in only]
         outputs = list(dict.fromkeys([*marks, *segment.carry]))
         session = _session(self._export(segment, outputs, feeds), self.level, self.provider,
-                           self.config)
+                           self.config, arena=False)
         names = [o.name for o in session.get_outputs()]
         try:
             values = dict(zip(names, session.run(names, _needed(session, feeds))))
         except Exception as exc:
             failure = _failure(exc)
             return SegmentRun(self._upstream(segment, marks, feeds, failure), {}, failure)
+        # Carried values are copied: they outlive this run, and must not keep its memory.
         return SegmentRun({m: values[m] for m in marks},
-                          {c: values[c] for c in segment.carry}, None)
+                          {c: np.array(values[c]) for c in segment.carry}, None)
 
     def run_local(self, index: int, feeds: Mapping[str, np.ndarray],
                   references: Mapping[str, np.ndarray], want: set[str]) -> dict[str, np.ndarray]:
@@ -223,7 +224,7 @@ class Runner:
             sub.inputs.append(cut)
             extra[cut.name] = np.asarray(value, dtype=np.dtype(dtype))
         session = _session(gs.export_onnx(sub).SerializeToString(), self.level, self.provider,
-                           self.config)
+                           self.config, arena=False)
         names = [o.name for o in session.get_outputs()]
         try:
             values = session.run(names, _needed(session, {**feeds, **extra}))
@@ -283,7 +284,7 @@ class Runner:
         sub = self._subgraph(segment, upstream, feeds).copy()
         sub.cleanup()
         session = _session(gs.export_onnx(sub).SerializeToString(), self.level, self.provider,
-                           self.config)
+                           self.config, arena=False)
         try:
             return dict(zip([o.name for o in session.get_outputs()],
                             session.run(None, _needed(session, feeds))))
@@ -298,13 +299,16 @@ def walk(runner: Runner, feeds: Mapping[str, np.ndarray], *, start: int = 0,
 
     Yields (segment index, the values available to it and every later segment, its
     run) and stops after a failure. The values dict is never changed afterwards, so a
-    caller may keep it to resume a walk there later (``start``, ``carried``).
+    caller may keep it to resume a walk there later (``start``, ``carried``). A run's
+    ``values`` are emptied when the walk moves on, so that two segments' tensors never
+    coexist: keep an array itself to hold on to it.
     """
     known: dict[str, np.ndarray] = {**feeds, **(carried or {})}
     for index in range(start, len(runner.segments)):
         segment = runner.segments[index]
         result = runner.run(index, {name: known[name] for name in segment.inputs}, only)
         yield index, known, result
+        result.values.clear()
         if result.failure is not None:
             return
         later = {n for s in runner.segments[index + 1:] for n in s.inputs}

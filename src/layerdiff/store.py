@@ -1,10 +1,11 @@
 """Tensors kept within a memory budget: in RAM while they fit, on disk beyond.
 
 A full-size model's activations do not fit in memory (ESRGAN at 256x256: about 12 GB of
-module outputs). A ``Spill`` holds arrays in RAM up to its budget; past it, the oldest
-ones are written to a private temporary folder as .npy files and read back on demand
-(a fresh copy each time, freed when the caller drops it). Several ``TensorStore`` views
-(one per input case) share one Spill, so one budget covers all of them.
+module outputs). A ``Spill`` keeps a copy of each array in RAM while its budget allows;
+past it, arrays are written straight from the caller's buffer to a private temporary
+folder as .npy files (no copy in memory at all) and read back on demand, a fresh array
+each time, freed when the caller drops it. Several ``TensorStore`` views (one per input
+case) share one Spill, so one budget covers all of them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
 
@@ -28,7 +28,7 @@ class Spill:
         self.budget = max(int(budget), 0)
         self._parent = folder
         self._folder: Path | None = None
-        self._ram: OrderedDict[Hashable, np.ndarray] = OrderedDict()  # oldest first
+        self._ram: dict[Hashable, np.ndarray] = {}
         self._disk: dict[Hashable, tuple[Path, tuple, np.dtype]] = {}
         self.ram_bytes = 0
         self.disk_bytes = 0
@@ -36,13 +36,14 @@ class Spill:
         self.peak_ram_bytes = 0
 
     def put(self, key: Hashable, value: np.ndarray) -> None:
+        """Keep ``value``'s current contents (the caller may change or free it after)."""
         self.drop(key)
-        value = np.ascontiguousarray(value)
-        self._ram[key] = value
-        self.ram_bytes += value.nbytes
-        while self.ram_bytes > self.budget and self._ram:
-            self._evict()
-        self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes)
+        if self.ram_bytes + value.nbytes <= self.budget:
+            self._ram[key] = np.array(value, order="C")
+            self.ram_bytes += value.nbytes
+            self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes)
+        else:
+            self._write(key, value)
 
     def get(self, key: Hashable) -> np.ndarray | None:
         value = self._ram.get(key)
@@ -91,9 +92,7 @@ class Spill:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _evict(self) -> None:
-        key, value = self._ram.popitem(last=False)
-        self.ram_bytes -= value.nbytes
+    def _write(self, key: Hashable, value: np.ndarray) -> None:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="layerdiff-spill-", dir=self._parent))
         path = self._folder / f"{len(self._disk)}-{os.getpid()}-{id(value)}.npy"
