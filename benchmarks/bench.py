@@ -156,6 +156,35 @@ def export_once(model, arch: str, size: int, folder: Path) -> str:
     return str(path)
 
 
+def mark_all_too_big(onnx_path: str) -> dict | None:
+    """mark-all holds every node output at once, plus the PyTorch activations it compares
+    with: when that alone is over 85% of the memory available, running it would only
+    push the machine into the OOM killer. Returns the reason, or None to run it."""
+    import numpy as np
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(onnx_path))
+    sizes = {}
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
+        if dims and all(dims):
+            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type))
+            sizes[info.name] = int(np.prod(dims)) * item.itemsize
+    needed = sum(sizes.values())
+    available = available_memory()
+    if needed > 0.85 * available:
+        return {"error": f"not run: its {len(sizes)} outputs alone are {needed / 2**30:.1f} GiB "
+                         f"(with the PyTorch side, more) of {available / 2**30:.1f} GiB available"}
+    return None
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def run_child(job: dict, timeout: int) -> dict:
     """One method in a fresh process: its result, {"error": ...} or {"stopped": timeout}."""
     cmd = [sys.executable, __file__, "--child", json.dumps(job)]
@@ -204,7 +233,7 @@ def table(rows: list[tuple[int, str, dict]]) -> list[str]:
         if "stopped" in r:
             cells = [f"> {r['stopped']} s (stopped)", "-", "-", ""]
         elif "error" in r:
-            cells = ["-", "-", "-", f"failed: {r['error']}"]
+            cells = ["-", "-", "-", r["error"] if r["error"].startswith("not run") else f"failed: {r['error']}"]
         else:
             ratio = f"{r['seconds'] / floors[size]:.1f}" if size in floors else "-"
             cells = [f"{r['seconds']:.2f}", ratio, f"{r['peak_bytes'] / 2**30:.2f} GiB", r["notes"]]
@@ -249,7 +278,8 @@ def main() -> None:
                    "layerdiff_args": shlex.split(args.layerdiff_args)}
             for method in args.methods:
                 timeout = args.verify_timeout if method == "verify" else args.timeout
-                result = measure({**job, "method": method}, timeout, args.repeat)
+                too_big = mark_all_too_big(job["onnx"]) if method == "mark-all" else None
+                result = too_big or measure({**job, "method": method}, timeout, args.repeat)
                 rows.append((size, method, result))
                 print(size, method, result, file=sys.stderr, flush=True)
 
