@@ -104,3 +104,31 @@ def test_peak_over_the_limit_is_reported(exported):
     assert d.facts.over_memory is (d.facts.peak_memory is not None)
     if d.facts.peak_memory is not None:
         assert any("exceeded --max-memory" in n for n in d.notes)
+
+
+@pytest.mark.parametrize("arch,how", [("esrgan", "legacy"), ("swinir", "dynamo")])
+def test_plan_covers_every_node_once_and_cuts_cleanly(arch, how, exported):
+    import torch
+
+    from layerdiff import capture_onnx, capture_torch, run_case, segments
+    from layerdiff.align import align
+
+    graph = capture_onnx.load_graph(exported(arch, how))
+    captured = capture_torch.capture(make_model(arch), torch.rand(*SHAPE))
+    alignment = align(captured.calls, captured.parameters, graph)
+    marks = [p.onnx_tensor for p in alignment.pairs]
+    sizes = run_case._sizes(alignment, captured.calls, graph)
+    whole = segments.plan(graph, marks, sizes, sum(sizes.values()))
+    assert [(s.first, s.stop) for s in whole] == [(0, len(graph.nodes))]
+    plan = segments.plan(graph, marks, sizes, max(sizes.values()))
+    assert len(plan) > 3
+    assert [s.first for s in plan[1:]] == [s.stop for s in plan[:-1]]
+    assert plan[0].first == 0 and plan[-1].stop == len(graph.nodes)
+    assert sorted(m for s in plan for m in s.marks) == sorted(set(marks))
+    graph_inputs = {name for name, _, _ in graph.inputs}
+    aligned = set(marks)
+    for segment in plan[1:]:
+        for name in segment.inputs:  # only clean values cross a cut
+            dtype = graph.dtypes.get(name)
+            assert (name in aligned or name in graph_inputs
+                    or (dtype is not None and not np.issubdtype(dtype, np.floating))), name

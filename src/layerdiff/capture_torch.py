@@ -62,11 +62,12 @@ class _Recorder:
     """Hook state: the calls so far and which live tensor each call produced."""
 
     def __init__(self, model_input: torch.Tensor, store: MutableMapping[int, np.ndarray],
-                 visit: Callable[[int, torch.Tensor], None] | None) -> None:
+                 visit: Callable[[int, torch.Tensor], None] | None, parameters: bool) -> None:
         self.calls: list[TorchCall] = []
         self.activations = store
         self._copy = isinstance(store, dict)
         self._visit = visit
+        self._parameters = parameters
         self.parameters: dict[int, dict[str, np.ndarray]] = {}
         # id(tensor) -> (weakref to it, its version when recorded, producing call).
         # Weak, so that capture does not keep every original activation alive.
@@ -101,7 +102,7 @@ class _Recorder:
         nth = self._count.get(path, 0)
         self._count[path] = nth + 1
         attrs = _simple_attrs(module)
-        params = {} if self._visit is not None else {
+        params = {} if not self._parameters else {
             name: p.detach().float().cpu().numpy().copy()
             for name, p in module.named_parameters(recurse=False)
         }
@@ -174,7 +175,8 @@ def training_modules(model: torch.nn.Module) -> tuple[str, ...]:
 
 def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True,
             store: MutableMapping[int, np.ndarray] | None = None,
-            visit: Callable[[int, torch.Tensor], None] | None = None) -> TorchCapture:
+            visit: Callable[[int, torch.Tensor], None] | None = None,
+            parameters: bool = True) -> TorchCapture:
     """Run ``model`` once on a private copy of ``example`` and record every submodule call.
 
     Each output's values go into ``store`` (a dict of copies by default; a
@@ -184,7 +186,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
     only the final outputs are captured.
     """
     own_input = example.clone()
-    recorder = _Recorder(own_input, {} if store is None else store, visit)
+    recorder = _Recorder(own_input, {} if store is None else store, visit, parameters)
     use_hooks = hooks and not isinstance(model, torch.jit.ScriptModule)
     # A model in training mode updates BatchNorm running statistics as it runs: restore
     # them, so that diagnosing a model does not change it.

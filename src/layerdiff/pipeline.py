@@ -264,7 +264,9 @@ def explain_alignment(
     loaded = _load(model, trust_pickle)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     graph = capture_onnx.load_graph(describe_onnx(onnx).path)
-    captured = capture_torch.capture(loaded.module, cases_.random_input(shape, seed))
+    # The pairing needs the calls and their weights, not the activations.
+    captured = capture_torch.capture(loaded.module, cases_.random_input(shape, seed),
+                                     visit=lambda index, value: None)
     return captured.calls, align(captured.calls, captured.parameters, graph)
 
 

@@ -269,7 +269,8 @@ class CaseRunner:
         try:
             if self._model64 is None:
                 self._model64 = copy.deepcopy(self.loaded.module).double()
-            captured64 = capture_torch.capture(self._model64, case.tensor.double(), visit=visit)
+            captured64 = capture_torch.capture(self._model64, case.tensor.double(), visit=visit,
+                                               parameters=False)
         except (LayerdiffError, RuntimeError, TypeError) as exc:
             notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
             return {}, None, []
