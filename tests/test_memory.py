@@ -83,6 +83,12 @@ def test_spill_keeps_values_and_cleans_up(tmp_path):
             np.testing.assert_array_equal(view[key], value)
         assert list(view) == list(arrays) and view.shape_of(5) == (3, 5, 7)
         assert list(tmp_path.iterdir())
+        other = store.TensorStore(spill, "b")
+        other[0] = arrays[0]
+        view.clear()
+        assert len(view) == 0 and 0 not in view
+        assert spill.ram_bytes + spill.disk_bytes == arrays[0].nbytes  # only "b" is left
+        np.testing.assert_array_equal(other[0], arrays[0])
     assert not any(p.is_dir() for p in tmp_path.iterdir())
 
 

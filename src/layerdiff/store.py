@@ -139,6 +139,12 @@ class TensorStore(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def clear(self) -> None:
+        """Forget every array of this namespace (RAM freed, files deleted)."""
+        for key in self._keys:
+            self.spill.drop((self.namespace, key))
+        self._keys.clear()
+
 
 def parse_size(text: str) -> int:
     """'6G', '512M', '6GiB', '2.5g' or a plain byte count -> bytes."""
