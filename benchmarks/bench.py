@@ -26,6 +26,8 @@ Methods, each run in its own process so that its peak memory (max RSS) is its ow
   number of layers from the JSON;
 - mark-all: every ONNX node output marked as a graph output, one onnxruntime run (what
   Polygraphy's mark-all does), plus the PyTorch forward with hooks it would compare to;
+  not run (and the table says why) when the node outputs alone, from shape inference, are
+  over 85% of the memory available: it would only end in the OOM killer;
 - verify: ``torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)``,
   export included; stopped after ``--verify-timeout`` seconds.
 

@@ -83,6 +83,12 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
     )
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Inner product without BLAS: a threaded BLAS call on a chunk this small waits on
+    threads that PyTorch and onnxruntime keep busy, and takes 100x longer."""
+    return float(np.einsum("i,i->", a, b))
+
+
 class _Sums:
     """Running reductions over chunks of a tensor pair (float64 arithmetic per chunk), so
     comparing a tensor needs a few chunk-sized temporaries, not copies of the tensor."""
@@ -97,7 +103,7 @@ class _Sums:
 
     def add(self, ref: np.ndarray, cand: np.ndarray, *, rtol: float, atol: float) -> None:
         diff = np.subtract(cand, ref, dtype=np.float64)
-        dot = float(np.dot(diff, diff))  # also NaN/Inf exactly when some value is
+        dot = _dot(diff, diff)  # also NaN/Inf exactly when some value is
         if not np.isfinite(dot):
             r, c = ref.astype(np.float64), cand.astype(np.float64)
             finite = np.isfinite(r) & np.isfinite(c)
@@ -113,10 +119,10 @@ class _Sums:
                 rtol: float, atol: float) -> None:
         """Sums over a chunk without NaN/Inf: ``diff`` = cand - ref in float64 (overwritten)."""
         r = ref.astype(np.float64, copy=False)
-        d_dot_r = float(np.dot(diff, r))
-        r_dot_r = float(np.dot(r, r))
+        d_dot_r = _dot(diff, r)
+        r_dot_r = _dot(r, r)
         if d_dot_d is None:
-            d_dot_d = float(np.dot(diff, diff))
+            d_dot_d = _dot(diff, diff)
         np.abs(diff, out=diff)
         mag = np.abs(r)
         self.count += r.size
