@@ -33,8 +33,10 @@ from .run_case import CaseRun as _Case, CaseRunner
 Progress = Callable[[str], None]
 
 # Of the memory a diagnosis may use beyond what the process holds when it starts:
-STORE_SHARE = 0.4  # PyTorch activations kept in RAM (the rest go to disk)
-SEGMENT_SHARE = 0.2  # the aligned tensors of one ONNX segment
+STORE_SHARE = 0.35  # PyTorch activations kept in RAM (the rest go to disk)
+# The aligned tensors of one ONNX segment. A failing segment's second look holds up to
+# three times that: ONNX's values, PyTorch's for the local run, and its outputs.
+SEGMENT_SHARE = 0.1
 # The rest is for the forwards themselves and the comparison's temporaries.
 
 
