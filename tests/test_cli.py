@@ -147,7 +147,8 @@ def test_max_memory_is_applied_and_reported(tmp_path, capsys):
     facts = data["facts"]
     assert facts["segments"] == 1 and facts["spilled_bytes"] == 0 and facts["over_memory"] is False
     assert facts["peak_memory"] is None or facts["peak_memory"] > 0
-    assert "limit 3.00 GiB" in report.read_text()
+    html = report.read_text()
+    assert "memory limit</dt><dd class=\"num\">3.00 GiB" in html
 
 
 @pytest.mark.parametrize("value", ["lots", "0", "-2G"])

@@ -135,12 +135,13 @@ def diagnose(
         spilled = spill.written_bytes
     facts = _memory_facts(diagnosis.facts, settings.max_memory, held, peak_before, spilled)
     notes = list(diagnosis.notes)
+    size = memory.human_bytes
     if facts.spilled_bytes:
-        notes.append(f"{_gib(facts.spilled_bytes)} of PyTorch activations went to a temporary "
-                     f"folder on disk to stay within --max-memory {_gib(settings.max_memory)}.")
+        notes.append(f"{size(facts.spilled_bytes)} of PyTorch activations went to a temporary "
+                     f"folder on disk to stay within --max-memory {size(settings.max_memory)}.")
     if facts.over_memory:
-        notes.append(f"Peak memory {_gib(facts.peak_memory)} exceeded --max-memory "
-                     f"{_gib(settings.max_memory)}: the forward passes themselves need more at "
+        notes.append(f"Peak memory {size(facts.peak_memory)} exceeded --max-memory "
+                     f"{size(settings.max_memory)}: the forward passes themselves need more at "
                      "this input size (or a segment of the graph could not be cut smaller). "
                      "Use a smaller --input-shape or raise --max-memory.")
     return replace(diagnosis, facts=facts, notes=tuple(notes))
@@ -163,8 +164,6 @@ def _memory_facts(facts: Facts, limit: int, held: int, peak_before: int, spilled
                    over_memory=measured is not None and measured > limit)
 
 
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / 2**30:.2f} GiB"
 
 
 def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,

@@ -31,6 +31,7 @@ import jinja2
 import numpy as np
 
 from .records import SCHEMA, Diagnosis, LayerResult, Metrics
+from .store import human_bytes
 from .report_format import (
     STATUS_LABELS,
     _fd_layer,
@@ -451,6 +452,7 @@ def _env() -> jinja2.Environment:
         pct=fmt_pct,
         shape=fmt_shape,
         value=fmt_value,
+        bytes=human_bytes,
     )
     return env
 

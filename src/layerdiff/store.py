@@ -146,6 +146,16 @@ class TensorStore(Mapping):
         self._keys.clear()
 
 
+def human_bytes(n: int | None) -> str:
+    """3.48 GiB, 512 MiB, 12 KiB."""
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.0f} {unit}"
+    return f"{n} B"
+
+
 def parse_size(text: str) -> int:
     """'6G', '512M', '6GiB', '2.5g' or a plain byte count -> bytes."""
     cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
