@@ -1,10 +1,10 @@
 """The diagnosis pipeline: one function that runs every stage in order.
 
-load model -> get ONNX (export or given) -> for each input (random, files, other sizes):
-capture torch (+ float64 referee) -> align -> run ONNX with aligned tensors exposed ->
-run each layer's segment on torch's inputs -> compare -> then combine the inputs (each
-layer keeps its worst), find the first divergence, re-check without ORT optimisation,
-apply the rules.
+load model -> get ONNX (export or given) -> for each input (random, files, other sizes),
+within the memory budget (run_case.py): capture torch -> align -> run ONNX segment by
+segment, comparing as the tensors arrive -> for failing layers only, the float64 referee
+and their local runs -> then combine the inputs (each layer keeps its worst), find the
+first divergence, re-check without ORT optimisation, apply the rules.
 """
 
 from __future__ import annotations
