@@ -178,8 +178,7 @@ class CaseRunner:
                                                 rtol=s.rtol, atol=s.atol)
                     if not result.metrics[k].passed and result.resume is None:
                         result.resume = (index, known)
-            result.outputs.update({n: v for n, v in run.carry.items() if n in self.graph.outputs})
-            result.outputs.update({n: v for n, v in run.values.items() if n in self.graph.outputs})
+            result.outputs.update(_graph_outputs(run, self.graph))
             result.failure = run.failure
         return result
 
@@ -301,8 +300,7 @@ class CaseRunner:
                                           atol=s.atol, noise=case.noise.get(pair.call, 0.0))
                         if not metrics.passed:
                             return False
-                outputs.update({n: v for n, v in {**run.carry, **run.values}.items()
-                                if n in self.graph.outputs})
+                outputs.update(_graph_outputs(run, self.graph))
         except capture_onnx.OnnxLoadError:
             return None
         final = judge.output_results(case.torch_outputs, [outputs[n] for n in self.graph.outputs],
@@ -327,6 +325,11 @@ class CaseRunner:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _graph_outputs(run: segments.SegmentRun, graph: capture_onnx.OnnxGraph) -> dict:
+    """The graph's final outputs among what a segment computed."""
+    return {n: v for n, v in {**run.carry, **run.values}.items() if n in graph.outputs}
 
 
 def _positions(alignment: Alignment) -> dict[str, list[int]]:

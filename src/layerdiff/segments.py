@@ -122,9 +122,11 @@ def _segment(graph: OnnxGraph, first: int, stop: int, marked: set[str],
     produced: set[str] = set()
     inputs: dict[str, None] = {}
     prelude: set[int] = set()
+    graph_inputs = {i[0] for i in graph.inputs}
     for node in graph.nodes[first:stop]:
         for name in node.inputs:
-            if not name or name in produced or name in inputs or not _crosses_in(graph, name, first):
+            if (not name or name in produced or name in inputs
+                    or not _crosses_in(graph, name, first, graph_inputs)):
                 continue
             if name in static:
                 prelude |= _ancestors(graph, name)
@@ -151,10 +153,10 @@ def _ancestors(graph: OnnxGraph, name: str) -> set[int]:
     return found
 
 
-def _crosses_in(graph: OnnxGraph, name: str, first: int) -> bool:
+def _crosses_in(graph: OnnxGraph, name: str, first: int, graph_inputs: set[str]) -> bool:
     producer = graph.producer.get(name)
     if producer is None:  # a graph input, or an initializer (which stays in the segment)
-        return name in {i[0] for i in graph.inputs}
+        return name in graph_inputs
     return producer < first
 
 
@@ -179,11 +181,10 @@ class Runner:
         self._declared = {name: tuple(t.shape) if t.shape is not None else None
                           for name, t in self._tensors.items()}
 
-    def run(self, index: int, feeds: Mapping[str, np.ndarray],
-            only: set[str] | None = None) -> SegmentRun:
-        """Segment ``index`` on ``feeds`` (its inputs); ``only``: just these marks."""
+    def run(self, index: int, feeds: Mapping[str, np.ndarray]) -> SegmentRun:
+        """Segment ``index`` on ``feeds`` (its inputs)."""
         segment = self.segments[index]
-        marks = [m for m in segment.marks if only is None or m in only]
+        marks = list(segment.marks)
         outputs = list(dict.fromkeys([*marks, *segment.carry]))
         session = _session(self._export(segment, outputs, feeds), self.level, self.provider,
                            self.config, arena=False)
@@ -234,20 +235,11 @@ class Runner:
 
     def _subgraph(self, segment: Segment, outputs: list[str],
                   feeds: Mapping[str, np.ndarray]) -> gs.Graph:
-        inputs = []
-        for name in segment.inputs:
-            tensor = self._tensors[name]
-            if tensor.dtype is None:
-                tensor.dtype = self.graph.dtypes.get(name, np.float32)
-            if name in feeds and name not in self._graph_inputs:
-                tensor.shape = self._shape_for(name, feeds[name].shape)
-            inputs.append(tensor)
-        outs = []
-        for name in outputs:
-            tensor = self._tensors[name]
-            if tensor.dtype is None:
-                tensor.dtype = self.graph.dtypes.get(name, np.float32)
-            outs.append(tensor)
+        inputs = [self._typed(name) for name in segment.inputs]
+        for tensor in inputs:
+            if tensor.name in feeds and tensor.name not in self._graph_inputs:
+                tensor.shape = self._shape_for(tensor.name, feeds[tensor.name].shape)
+        outs = [self._typed(name) for name in outputs]
         g = self._g
         nodes = [self._nodes[i] for i in segment.prelude] + self._nodes[segment.first:segment.stop]
         return gs.Graph(nodes=nodes, inputs=inputs,
@@ -255,6 +247,13 @@ class Runner:
                         import_domains=g.import_domains, functions=g.functions,
                         producer_name=g.producer_name, producer_version=g.producer_version,
                         ir_version=getattr(g, "ir_version", None))
+
+    def _typed(self, name: str) -> gs.Tensor:
+        """The tensor, with a dtype (graph inputs and outputs must have one)."""
+        tensor = self._tensors[name]
+        if tensor.dtype is None:
+            tensor.dtype = self.graph.dtypes.get(name, np.float32)
+        return tensor
 
     def _shape_for(self, name: str, actual: tuple[int, ...]) -> list | None:
         """The shape a value fed between segments is declared with: what the whole graph
@@ -294,7 +293,7 @@ class Runner:
 
 def walk(runner: Runner, feeds: Mapping[str, np.ndarray], *, start: int = 0,
          carried: Mapping[str, np.ndarray] | None = None,
-         only: set[str] | None = None) -> Iterator[tuple[int, dict[str, np.ndarray], SegmentRun]]:
+         ) -> Iterator[tuple[int, dict[str, np.ndarray], SegmentRun]]:
     """Run the segments in order from ``start``, carrying values between them.
 
     Yields (segment index, the values available to it and every later segment, its
@@ -304,12 +303,23 @@ def walk(runner: Runner, feeds: Mapping[str, np.ndarray], *, start: int = 0,
     coexist: keep an array itself to hold on to it.
     """
     known: dict[str, np.ndarray] = {**feeds, **(carried or {})}
+    later = _read_after(runner.segments)
     for index in range(start, len(runner.segments)):
         segment = runner.segments[index]
-        result = runner.run(index, {name: known[name] for name in segment.inputs}, only)
+        result = runner.run(index, {name: known[name] for name in segment.inputs})
         yield index, known, result
         result.values.clear()
         if result.failure is not None:
             return
-        later = {n for s in runner.segments[index + 1:] for n in s.inputs}
-        known = {k: v for k, v in {**known, **result.carry}.items() if k in later or k in feeds}
+        known = {k: v for k, v in {**known, **result.carry}.items()
+                 if k in later[index] or k in feeds}
+
+
+def _read_after(plan: list[Segment]) -> list[set[str]]:
+    """For each segment, the values some later segment reads."""
+    found: list[set[str]] = []
+    reads: set[str] = set()
+    for segment in reversed(plan):
+        found.append(set(reads))
+        reads |= set(segment.inputs)
+    return found[::-1]

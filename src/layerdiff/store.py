@@ -33,7 +33,6 @@ class Spill:
         self.ram_bytes = 0
         self.disk_bytes = 0
         self.written_bytes = 0  # all that ever went to disk
-        self.peak_ram_bytes = 0
 
     def put(self, key: Hashable, value: np.ndarray) -> None:
         """Keep ``value``'s current contents (the caller may change or free it after)."""
@@ -41,7 +40,6 @@ class Spill:
         if self.ram_bytes + value.nbytes <= self.budget:
             self._ram[key] = np.array(value, order="C")
             self.ram_bytes += value.nbytes
-            self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes)
         else:
             self._write(key, value)
 
@@ -64,9 +62,6 @@ class Spill:
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._ram or key in self._disk
-
-    def keys(self) -> list[Hashable]:
-        return [*self._ram, *self._disk]
 
     def drop(self, key: Hashable) -> None:
         value = self._ram.pop(key, None)
