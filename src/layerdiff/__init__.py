@@ -1,10 +1,31 @@
 """layerdiff: find the first layer where an ONNX export disagrees with its PyTorch model."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from .errors import LayerdiffError  # noqa: E402
-from .pipeline import diagnose  # noqa: E402
-from .records import Diagnosis, FirstDivergence, LayerResult, Suggestion  # noqa: E402
 
 __all__ = ["diagnose", "Diagnosis", "FirstDivergence", "LayerResult", "Suggestion",
            "LayerdiffError", "__version__"]
+
+# The rest needs torch, which takes seconds to import: loaded on first use (PEP 562), so
+# that `layerdiff --help` and argument errors answer at once.
+_LAZY = {"diagnose": "pipeline", "Diagnosis": "records", "FirstDivergence": "records",
+         "LayerResult": "records", "Suggestion": "records"}
+
+if TYPE_CHECKING:
+    from .pipeline import diagnose
+    from .records import Diagnosis, FirstDivergence, LayerResult, Suggestion
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'layerdiff' has no attribute '{name}'")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

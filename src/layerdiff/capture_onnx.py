@@ -9,6 +9,8 @@ located from onnxruntime's message (``_failure``).
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +248,45 @@ def _exposing(graph: OnnxGraph, name: str) -> bytes:
             tensor.dtype = graph.dtypes.get(name, np.float32)
         g.outputs = list(g.outputs) + [tensor]
     return gs.export_onnx(g).SerializeToString()
+
+
+def check_runtime(provider: str, level: str, config: tuple[tuple[str, str], ...]) -> None:
+    """Refuse, before any work, a provider onnxruntime does not have (it would silently
+    run on the CPU while the report named the provider) and session config entries it
+    rejects (which would otherwise be blamed on the ONNX file)."""
+    from .errors import UsageError
+
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise UsageError(f"execution provider '{provider}' is not available in this "
+                         f"onnxruntime {ort.__version__}",
+                         hint="available: " + ", ".join(available) + " (other providers come "
+                              "with other onnxruntime packages, e.g. onnxruntime-gpu)")
+    if not config:
+        return
+    probe = _probe_model()
+    for key, value in config:  # one at a time, so that the error names the bad one
+        try:
+            # onnxruntime prints an "EP Error" banner before raising; the error says it.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ort.InferenceSession(probe, _options(level, ((key, value),)), providers=[provider])
+        except Exception as exc:
+            raise UsageError(f"onnxruntime rejects --ort-config {key}={value}: "
+                             f"{_readable(first_line(exc, 400))}",
+                             hint="check the key and value against onnxruntime's "
+                                  "onnxruntime_session_options_config_keys.h") from None
+
+
+def _probe_model() -> bytes:
+    """The smallest valid model (Identity): lets session options be tried on their own."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
 
 
 def _options(level: str, config: tuple[tuple[str, str], ...], *,

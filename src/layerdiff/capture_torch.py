@@ -223,8 +223,20 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
         calls=calls,
         activations=recorder.activations,
         outputs=outputs,
-        input_mutated=not torch.equal(own_input, example),
+        input_mutated=not same_values(own_input, example),
         training_modules=training_modules(model) if isinstance(model, torch.nn.Module) else (),
         parameters=recorder.parameters,
     )
 
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN: an input holding NaN is not "changed"
+    by a forward that leaves it alone (NaN != NaN would say it was)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point() and not a.is_complex():
+        return False
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    return torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b])

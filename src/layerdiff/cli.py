@@ -1,6 +1,8 @@
 """Command line: parse arguments, call the library, print, write, exit. Nothing else.
 
-Exit codes: 0 pass, 1 diverged, 2 error (bad input, or a model onnxruntime cannot load).
+Exit codes: 0 pass, 1 diverged (and nothing else), 2 error that the user can fix (bad
+input or arguments, a model onnxruntime cannot load, an output that cannot be written,
+not enough memory), 3 internal error (a bug in layerdiff), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -8,18 +10,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 import webbrowser
 from pathlib import Path
 
-from .errors import LayerdiffError, UsageError
+from . import files, options
+from .errors import LayerdiffError, first_line
 
 EXPORTERS = ("dynamo", "legacy")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
+EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 3, 130
+BUG_HINT = ("this is a bug in layerdiff: rerun with --verbose for the traceback and report it "
+            "with the command line (README, 'Reporting a bug')")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the error line every other layerdiff error has, and a hint."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: run '{self.prog} --help' for the options", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="layerdiff",
         description="Find the first layer where an ONNX export disagrees with its PyTorch model.",
     )
@@ -101,7 +117,7 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64 (N,C,H,W)") from None
     if len(dims) != 4 or min(dims) <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64 (N,C,H,W > 0)")
     return dims
@@ -136,21 +152,45 @@ def _config_entry(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.verbose:
-        warnings.filterwarnings("ignore")
+    """Run the command line; returns the exit code (argparse's own exits raise SystemExit)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "-v" in argv or "--verbose" in argv
     try:
+        args = build_parser().parse_args(argv)
+        if not args.verbose:
+            warnings.filterwarnings("ignore")
         return _align(args) if args.command == "align" else _report(args)
-    except LayerdiffError as exc:
-        if args.verbose:
-            raise
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one line and an exit code
+        if verbose:
+            traceback.print_exc()
+        error = exc if isinstance(exc, LayerdiffError) else _environment_error(exc)
+        if error is None:
+            print(f"error: internal error: {type(exc).__name__}: {first_line(exc)}",
+                  file=sys.stderr)
+            print(f"hint: {BUG_HINT}", file=sys.stderr)
+            return EXIT_BUG
+        print(f"error: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _environment_error(exc: Exception) -> LayerdiffError | None:
+    """Failures of the machine rather than of layerdiff: a file that cannot be written or
+    read, a full disk, memory that cannot be allocated. None for anything else (a bug)."""
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return LayerdiffError(f"cannot use{where}: {exc.strerror or first_line(exc)}",
+                              hint="check the path, its permissions and the free disk space")
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+            "allocate" in text and "memory" in text or "out of memory" in text)):
+        return LayerdiffError(f"out of memory: {first_line(exc) or type(exc).__name__}",
+                              hint="use a smaller --input-shape or fewer --samples, or free memory")
+    return None
 
 
 def _align(args: argparse.Namespace) -> int:
@@ -181,31 +221,43 @@ def _align(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    # A bad number would give a false verdict (--rtol nan passes anything): checked first.
+    options.check(rtol=args.rtol, atol=args.atol, seed=args.seed, samples=args.samples,
+                  opset=args.opset, max_memory=args.max_memory)
+    output = Path(args.output) if args.output else None
+    default_dir = Path("layerdiff_report")
+    # The report path is known up front so the minimal reproducer can sit next to it.
+    report_path = output if output is not None else default_dir / f"{Path(args.model).stem}.html"
+    output_dir = output.parent if output else default_dir
+    fp16 = args.fp16 or bool(args.fix_fp16)
+    # Every output, before torch is even imported: a run of minutes must not end in a
+    # write that fails, or one that replaces the user's checkpoint.
+    files.check_outputs(
+        {"-o": report_path, "--json": args.json,
+         **files.planned_outputs(Path(args.model).stem, onnx=args.onnx, output_dir=output_dir,
+                                 fp16=fp16, fix_fp16=args.fix_fp16, report=report_path)},
+        {"the model": args.model, "--onnx": args.onnx,
+         **{f"--input {f}": f for f in args.inputs}})
+
     # Imported here so that `layerdiff --help` answers without loading torch.
     from . import render
     from .pipeline import diagnose
 
-    output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise UsageError(f"-o {output} is a folder", hint="give a file path such as report.html")
     interactive = sys.stderr.isatty() and not args.quiet
 
     def progress(stage: str) -> None:
         if interactive:
             print(f"layerdiff: {stage}...", file=sys.stderr)
 
-    default_dir = Path("layerdiff_report")
-    # The report path is known up front so the minimal reproducer can sit next to it.
-    report_path = output if output is not None else default_dir / f"{Path(args.model).stem}.html"
     sizes = None if args.check_sizes is None else tuple(s for s in args.check_sizes if s)
     diagnosis = diagnose(
         args.model, args.onnx, input_shape=args.input_shape, seed=args.seed,
         samples=args.samples, inputs=tuple(args.inputs), check_sizes=sizes,
-        reference=args.reference, fp16=args.fp16 or bool(args.fix_fp16),
+        reference=args.reference, fp16=fp16,
         fp16_method=args.fp16_method, fix_fp16=args.fix_fp16,
         rtol=args.rtol, atol=args.atol, ignore=tuple(args.ignore_layer),
         exporter=args.exporter, opset=args.opset,
-        output_dir=output.parent if output else default_dir,
+        output_dir=output_dir,
         trust_pickle=args.trust_pickle, ort_level=args.ort_level,
         ort_config=dict(args.ort_config), provider=args.provider,
         progress=progress, reproducer_for=report_path, max_memory=args.max_memory,

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import torch
 from . import exporting
 from .capture_onnx import OnnxGraph, load_graph
 from .errors import ExportError, UsageError
+from .files import atomic_write
 from .records import LayerResult, LoadedModel, TorchCall
 
 FP16_MAX = 65504.0  # largest finite float16
@@ -223,7 +222,7 @@ def _convert(model: onnx.ModelProto, out_path: Path, node_block_list: Sequence[s
                               hint="check that the input file is an fp32 ONNX model") from None
     if fp32_paths:
         drop_fp16_round_trips(converted.graph)
-    _save_atomic(converted, out_path)
+    atomic_write(out_path, lambda handle: handle.write(converted.SerializeToString()))
     return sum(1 for w in caught if _LARGE_CLAMP.search(str(w.message)))
 
 
@@ -295,17 +294,6 @@ def _clamp_mention(clamped: int) -> str:
     if not clamped:
         return ""
     return f"; it clamped {clamped} weight/constant tensor(s) to +-{CONVERTER_MAX:g}"
-
-
-def _save_atomic(model: onnx.ModelProto, out_path: Path) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(handle)
-    try:
-        onnx.save(model, temp)
-        os.replace(temp, out_path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _export_half_isolated(module: Any, example: torch.Tensor, out_path: Path,

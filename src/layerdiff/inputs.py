@@ -7,6 +7,7 @@ and reproducible from their seed; images are converted to the model's channels a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,13 @@ class Case:
 
 def random_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Uniform values in [0, 1], like an image, reproducible from ``seed``."""
+    from .store import available_memory, human_bytes
+
+    need = 4 * math.prod(shape)
+    if need > available_memory():
+        raise UsageError(f"an input of shape {tuple(shape)} needs {human_bytes(need)}, more "
+                         f"than the {human_bytes(available_memory())} of memory available",
+                         hint="give a smaller --input-shape")
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(shape, generator=generator, dtype=torch.float32)
 
@@ -52,6 +60,9 @@ def _from_npy(path: Path, channels: int) -> torch.Tensor:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise UsageError(f"cannot read {path.name}: {exc}", hint="save it with np.save") from None
+    if array.dtype.kind not in "biuf":  # strings, objects, complex, dates...
+        raise UsageError(f"{path.name} holds {array.dtype} values, not real numbers",
+                         hint="save a float array (N,C,H,W) with np.save")
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[1] != channels:
@@ -73,10 +84,35 @@ def _from_image(path: Path, channels: int) -> torch.Tensor:
     if mode is None:
         raise UsageError(f"the model takes {channels} channels; images give 1, 3 or 4",
                          hint="pass a .npy array with --input instead")
-    array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    if image.mode in _DEEP_GREY:
+        array = _grey_to(_deep_grey(image), channels)
+    else:
+        array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[..., None]
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)[None]))
+
+
+# Pillow's modes for grey images deeper than 8 bits (16-bit PNG and TIFF, 32-bit TIFF).
+# convert("L") clips them at 255, which turns nearly every pixel white.
+_DEEP_GREY = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+def _deep_grey(image) -> np.ndarray:
+    """A 16-bit (or int32 / float) grey image in [0, 1]: 16-bit values over 65535; float
+    images are taken as they are (they are usually in [0, 1] already)."""
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode == "F":
+        return array
+    return array / 65535.0
+
+
+def _grey_to(grey: np.ndarray, channels: int) -> np.ndarray:
+    """Grey (H, W) as H, W, channels: repeated for colour, with an opaque alpha."""
+    if channels == 1:
+        return grey[..., None]
+    planes = [grey] * 3 + ([np.ones_like(grey)] if channels == 4 else [])
+    return np.stack(planes, axis=-1)
 
 
 def default_check_size(height: int, width: int) -> tuple[int, int]:

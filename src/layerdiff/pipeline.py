@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
-from . import store as memory
+from . import files, options, preflight, store as memory
 from .align import align
 from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
@@ -86,6 +86,8 @@ def diagnose(
     go to a temporary folder on disk and ONNX runs in segments. When the peak still
     exceeds it (the model's own forward needs more), a note says so.
     """
+    options.check(rtol=rtol, atol=atol, seed=seed, samples=samples, opset=opset,
+                  max_memory=max_memory)
     rtol = rtol if rtol is not None else (1e-2 if fp16 else 1e-3)
     atol = atol if atol is not None else (1e-3 if fp16 else 1e-5)
     say = progress or (lambda _msg: None)
@@ -94,13 +96,24 @@ def diagnose(
                          hint="use one of: " + ", ".join(capture_onnx.LEVELS))
     if reference not in ("float64", "none"):
         raise UsageError(f"unknown reference '{reference}'", hint="use float64 or none")
+    capture_onnx.check_runtime(provider, ort_level, tuple((ort_config or {}).items()))
+    given = {"the model": model if isinstance(model, (str, Path)) else None, "--onnx": onnx,
+             **{f"--input {f}": f for f in inputs}}
+
+    def planned(stem: str) -> dict[str, Path | None]:
+        return files.planned_outputs(stem, onnx=onnx, output_dir=output_dir, fp16=fp16,
+                                     fix_fp16=fix_fp16, report=reproducer_for)
+
+    if isinstance(model, (str, Path)):  # checked before the model is even read
+        files.check_outputs(planned(Path(model).stem), given)
 
     say("loading model")
     loaded = _load(model, trust_pickle)
+    files.check_outputs(planned(_stem(loaded)), given)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     main_input = cases_.random_input(shape, seed)
 
-    out = Path(output_dir) / f"{_stem(loaded)}.onnx"
+    out = files.export_path(output_dir, _stem(loaded))
     if onnx is None:
         say(f"exporting with the {exporter} exporter")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +124,9 @@ def diagnose(
         export_size = None
     fp32_path = None
     if fp16:
-        source, fp32_path = _as_fp16(source, loaded, main_input, out, fp16_method, say)
+        source, fp32_path = _as_fp16(source, loaded, main_input, out, fp16_method, say, given)
     graph = capture_onnx.load_graph(source.path)
+    preflight.check_pairing(loaded, graph, shape)
     notes = list(source.notes) + list(loaded.notes)
 
     sizes, size_note = _sizes(check_sizes, shape, graph)
@@ -124,8 +138,6 @@ def diagnose(
                         samples=samples, fp16=fp16, inputs=tuple(str(i) for i in inputs),
                         check_sizes=tuple(sizes),
                         max_memory=max_memory or memory.default_max_memory())
-    if settings.max_memory <= 0:
-        raise UsageError("--max-memory must be positive", hint="e.g. --max-memory 6G")
     held, peak_before = memory.current_rss(), memory.peak_rss()
     store_bytes, segment_bytes = budgets(settings.max_memory, held)
     with memory.Spill(store_bytes) as spill:
@@ -468,16 +480,17 @@ def _is_fp16(graph: capture_onnx.OnnxGraph) -> bool:
 
 
 def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: torch.Tensor, out: Path,
-             method: str, say: Progress) -> tuple[OnnxSource, Path | None]:
+             method: str, say: Progress, given: dict) -> tuple[OnnxSource, Path | None]:
     """The float16 file to diagnose, and the float32 one it came from (if any)."""
     from . import fp16 as half
 
     if half.is_fp16(source.path):
         return source, None
+    files.check_outputs({"the float16 ONNX file": files.fp16_path(out)}, given)
     say(f"making a float16 model ({method})")
     out.parent.mkdir(parents=True, exist_ok=True)
     path, how = half.make_fp16_onnx(loaded, example, source.path,
-                                    out.with_name(out.stem + "_fp16.onnx"), method)
+                                    files.fp16_path(out), method)
     return replace(source, path=path, notes=source.notes + (f"float16 model: {how}",)), source.path
 
 
@@ -498,7 +511,8 @@ def _fp16_facts(facts: Facts, main: _Case, graph, fp32_path: Path | None, fix_pa
         else:
             if fp32_path is None:
                 say("exporting a float32 model to build the mixed-precision one from")
-                fp32_path = export_onnx(loaded, example, out, exporter="legacy").path
+                fp32_path = export_onnx(loaded, example, files.fp32_path(out),
+                                        exporter="legacy").path
             say("writing and checking the mixed-precision model")
             mixed = half.keep_in_fp32(fp32_path, findings.node_names, fix_path)
             check = diagnose(loaded, mixed, input_shape=settings.input_shape, seed=settings.seed,

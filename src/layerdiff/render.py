@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import os
-import secrets
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from .files import atomic_write_text
 from .records import SCHEMA, Diagnosis, LayerResult, Metrics
 from .store import human_bytes
 from .report_format import (
@@ -366,36 +366,9 @@ def to_json(d: Diagnosis, *, indent: int | None = 2) -> str:
 # =========================================================================== files
 
 
-def _atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same directory + os.replace.
-
-    The target either keeps its old content or gets the complete new content; the
-    temp file is removed on any failure. The new file gets the usual umask-derived
-    permissions (not the 0600 of tempfile.mkstemp), so the report can be shared.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8")
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
-
-
 def write_json(d: Diagnosis, path: str | os.PathLike[str]) -> Path:
     """Write ``to_json_dict(d)`` to ``path`` atomically; creates parent directories."""
-    return _atomic_write_text(path, to_json(d))
+    return atomic_write_text(path, to_json(d))
 
 
 def write_html(d: Diagnosis, path: str | os.PathLike[str]) -> Path:
@@ -405,7 +378,7 @@ def write_html(d: Diagnosis, path: str | os.PathLike[str]) -> Path:
     (and an existing report untouched).
     """
     html = render_html(d)
-    return _atomic_write_text(path, html)
+    return atomic_write_text(path, html)
 
 
 # =========================================================================== HTML

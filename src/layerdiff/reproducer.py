@@ -15,8 +15,6 @@ onnxruntime on those inputs shows the layer's own error, free of upstream error:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +23,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .capture_onnx import OnnxGraph
+from .files import atomic_write, reproducer_paths
 
-SUFFIX = ".first_divergence"
 EXPECTED = "expected"
 # First divergences whose tensor can be compared number by number.
 KINDS = ("numeric", "nonfinite")
@@ -99,11 +97,7 @@ def build(graph: OnnxGraph, target: str, values: dict[str, np.ndarray], expected
     return Parts(model, target, feeds, np.asarray(expected), module)
 
 
-def paths(report: str | Path) -> tuple[Path, Path]:
-    """``<report stem>.first_divergence.onnx`` and ``.npz`` next to ``report``."""
-    report = Path(report)
-    stem = report.with_suffix("").name + SUFFIX
-    return report.with_name(stem + ".onnx"), report.with_name(stem + ".npz")
+paths = reproducer_paths  # <report stem>.first_divergence.onnx / .npz
 
 
 def write(parts: Parts, report: str | Path) -> tuple[Path, Path]:
@@ -112,21 +106,6 @@ def write(parts: Parts, report: str | Path) -> tuple[Path, Path]:
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     arrays = dict(parts.inputs)
     arrays[EXPECTED] = parts.expected
-    _atomic(onnx_path, lambda f: f.write(parts.model.SerializeToString()))
-    _atomic(npz_path, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(onnx_path, lambda f: f.write(parts.model.SerializeToString()))
+    atomic_write(npz_path, lambda f: np.savez_compressed(f, **arrays))
     return onnx_path, npz_path
-
-
-def _atomic(path: Path, fill) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary outputs
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, segments
+from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, preflight, segments
 from .align import align, misfit, unpair
 from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
@@ -105,6 +105,7 @@ class CaseRunner:
         feeds = feeds_for(graph, case.tensor, self.loaded)
         store = TensorStore(self.spill, ("torch", number))
         captured = capture_torch.capture(self.loaded.module, case.tensor, store=store)
+        preflight.check_outputs(captured.outputs, graph, self.loaded.architecture)
         alignment = align(captured.calls, captured.parameters, graph)
         captured.parameters.clear()
         plan = segments.plan(graph, [p.onnx_tensor for p in alignment.pairs],

@@ -10,6 +10,7 @@ case) share one Spill, so one budget covers all of them.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -161,8 +162,8 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"not a size: '{text}' (use e.g. 6G or 512M)") from None
-    if value <= 0:
-        raise ValueError(f"not a size: '{text}' (must be positive)")
+    if not math.isfinite(value) or int(value * factor) < 1:
+        raise ValueError(f"not a size: '{text}' (must be a positive, finite size)")
     return int(value * factor)
 
 
