@@ -119,6 +119,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary left
 
 
+@pytest.mark.parametrize("command, which", [("report", "model"), ("report", "onnx"),
+                                            ("report", "input"), ("align", "model"),
+                                            ("align", "onnx")])
+def test_a_device_or_pipe_is_refused_not_read_forever(tmp_path, capsys, command, which):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    model, onnx = SAMPLES / "compact_x4.pth", SAMPLES / "compact_x4.onnx"
+    args = {"model": [command, "/dev/zero", "--onnx", onnx],
+            "onnx": [command, model, "--onnx", fifo],
+            "input": [command, model, "--onnx", onnx, "--input", fifo]}[which]
+    code, err = cli(args, capsys)
+    assert code == 2 and "not a regular file" in err
+
+
 # --------------------------------------------------------------------------- exit codes
 
 @pytest.mark.parametrize("args, message", [

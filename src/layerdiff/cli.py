@@ -232,12 +232,13 @@ def _report(args: argparse.Namespace) -> int:
     fp16 = args.fp16 or bool(args.fix_fp16)
     # Every output, before torch is even imported: a run of minutes must not end in a
     # write that fails, or one that replaces the user's checkpoint.
+    inputs = files.given_inputs(args.model, args.onnx, args.inputs)
+    files.check_inputs(inputs)
     files.check_outputs(
         {"-o": report_path, "--json": args.json,
          **files.planned_outputs(Path(args.model).stem, onnx=args.onnx, output_dir=output_dir,
                                  fp16=fp16, fix_fp16=args.fix_fp16, report=report_path)},
-        {"the model": args.model, "--onnx": args.onnx,
-         **{f"--input {f}": f for f in args.inputs}})
+        inputs)
 
     # Imported here so that `layerdiff --help` answers without loading torch.
     from . import render

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,18 +52,33 @@ def _umask() -> int:
     return mask
 
 
-def check_outputs(outputs: Mapping[str, str | os.PathLike[str] | None],
-                  inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+Inputs = Iterable[tuple[str, "str | os.PathLike[str] | None"]]  # (what the user calls it, path)
+
+
+def check_inputs(inputs: Inputs) -> None:
+    """Refuse inputs that exist but are not regular files: a device such as /dev/zero
+    or a FIFO would be read forever. Missing files are left to their loaders, which say
+    what each should be."""
+    for label, value in inputs:
+        if value is None:
+            continue
+        path = Path(value)
+        if path.exists() and not path.is_dir() and not path.is_file():
+            raise UsageError(f"{label} {path} is not a regular file (a device or a pipe)",
+                             hint="give the path of a file")
+
+
+def check_outputs(outputs: Mapping[str, str | os.PathLike[str] | None], inputs: Inputs) -> None:
     """Refuse, before any work, outputs that would replace an input or each other, or
     that cannot be written. Keys are what the user calls each path ("-o", "--json",
     "the model"); ``None`` values are skipped."""
-    given_inputs = {label: Path(p) for label, p in inputs.items() if p is not None}
+    given_inputs = [(label, Path(p)) for label, p in inputs if p is not None]
     seen: dict[Path, str] = {}
     for label, value in outputs.items():
         if value is None:
             continue
         path = Path(value)
-        for input_label, input_path in given_inputs.items():
+        for input_label, input_path in given_inputs:
             if _same_file(path, input_path):
                 raise UsageError(
                     f"{label} {path} is {input_label}: writing it would destroy that file",
@@ -148,3 +163,9 @@ def planned_outputs(stem: str, *, onnx: object, output_dir: str | os.PathLike[st
         "the reproducer's .onnx": reproducer[0],
         "the reproducer's .npz": reproducer[1],
     }
+
+
+def given_inputs(model: object, onnx: object, inputs: Iterable[object]) -> list:
+    """A run's input files, as check_inputs and check_outputs take them."""
+    return [("the model", model), ("the --onnx file", onnx),
+            *(("an --input file", path) for path in inputs)]

@@ -97,13 +97,13 @@ def diagnose(
     if reference not in ("float64", "none"):
         raise UsageError(f"unknown reference '{reference}'", hint="use float64 or none")
     capture_onnx.check_runtime(provider, ort_level, tuple((ort_config or {}).items()))
-    given = {"the model": model if isinstance(model, (str, Path)) else None, "--onnx": onnx,
-             **{f"--input {f}": f for f in inputs}}
+    given = files.given_inputs(model if isinstance(model, (str, Path)) else None, onnx, inputs)
 
     def planned(stem: str) -> dict[str, Path | None]:
         return files.planned_outputs(stem, onnx=onnx, output_dir=output_dir, fp16=fp16,
                                      fix_fp16=fix_fp16, report=reproducer_for)
 
+    files.check_inputs(given)
     if isinstance(model, (str, Path)):  # checked before the model is even read
         files.check_outputs(planned(Path(model).stem), given)
 
@@ -274,6 +274,8 @@ def explain_alignment(
     input_shape: tuple[int, ...] | None = None, seed: int = 0, trust_pickle: bool = False,
 ) -> tuple[list[TorchCall], Alignment]:
     """Only the pairing of module calls with ONNX tensors, for ``layerdiff align``."""
+    files.check_inputs(files.given_inputs(model if isinstance(model, (str, Path)) else None,
+                                          onnx, ()))
     loaded = _load(model, trust_pickle)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     graph = capture_onnx.load_graph(describe_onnx(onnx).path)
@@ -480,7 +482,7 @@ def _is_fp16(graph: capture_onnx.OnnxGraph) -> bool:
 
 
 def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: torch.Tensor, out: Path,
-             method: str, say: Progress, given: dict) -> tuple[OnnxSource, Path | None]:
+             method: str, say: Progress, given: files.Inputs) -> tuple[OnnxSource, Path | None]:
     """The float16 file to diagnose, and the float32 one it came from (if any)."""
     from . import fp16 as half
 
