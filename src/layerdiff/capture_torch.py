@@ -32,7 +32,9 @@ class TorchCapture:
     outputs: list[np.ndarray]  # the model's final outputs, flattened
     input_mutated: bool
     training_modules: tuple[str, ...]
-    parameters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # call -> params
+    # call -> its module's own parameters; key -1: the root model's own, which no hook sees
+    # (a layer scale ``self.gamma`` used in the top-level forward, say).
+    parameters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -209,6 +211,11 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
             for name, value in model.named_buffers():
                 if name in buffers:
                     value.copy_(buffers[name])
+    if parameters and isinstance(model, torch.nn.Module):
+        own = {name: p.detach().float().cpu().numpy().copy()
+               for name, p in model.named_parameters(recurse=False)}
+        if own:
+            recorder.parameters[-1] = own
     outputs = [_to_numpy(t) for t in _tensors(result)]
     if not outputs:
         raise LayerdiffError(

@@ -118,6 +118,9 @@ class Alignment:
     unmatched_torch: tuple[Unmatched, ...]
     unmatched_onnx: tuple[Unmatched, ...]
     has_scopes: bool  # the ONNX file kept module names
+    # Paired calls whose ONNX node holds weights that are not the module's and that no
+    # folding explains (another checkpoint, an edited file): TorchCall indices.
+    changed_weights: tuple[int, ...] = ()
 
     def coverage(self) -> dict[str, float | int]:
         """How much of the PyTorch model was compared: shares of module calls that
