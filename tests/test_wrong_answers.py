@@ -4,6 +4,7 @@
    pieces that really computed them (data flow), or stay unpaired with a reason.
 2. Weights folded with a per-channel factor (a layer scale ``x * gamma``, zeros
    included) by onnxruntime's or onnxslim's optimiser: not a divergence.
+3. Random numbers drawn in forward: named as the cause, not blamed on exposed tensors.
 
 Real torch, real exporters (legacy, dynamo, and the names-lost wrapper export), real
 onnxruntime and onnxslim; tiny models.
@@ -28,6 +29,7 @@ from torch import nn
 import faults
 from conftest import export, with_fault
 from layerdiff.pipeline import diagnose, make_input
+from layerdiff.render import to_json_dict
 
 SHAPE = (1, 3, 16, 16)
 
@@ -284,3 +286,65 @@ def test_folded_conv_with_a_changed_channel_is_a_changed_weight(how, tmp_path):
     assert d.verdict == "diverged"
     assert (d.first_divergence.module, d.first_divergence.onnx_node) == ("conv", node)
     assert "changed_weights" in [s.rule for s in d.suggestions]
+
+
+# --------------------------------------------------------------------------- 3. random numbers
+
+
+class Noisy(nn.Module):
+    """head -> relu -> + randn_like * 0.1 -> tail: the noise is drawn in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.act(self.head(x))
+        return self.tail(h + torch.randn_like(h) * 0.1)
+
+
+@pytest.mark.parametrize("how", ["legacy", "dynamo"])
+def test_random_noise_in_forward_is_named(how, tmp_path):
+    model = Noisy().eval()
+    path = _export(model, tmp_path / f"{how}.onnx", how)
+    d = _diagnose(model, path, tmp_path)
+
+    assert d.verdict == "diverged"
+    assert d.first_divergence.module == "tail"  # the first layer reading the noise
+    assert [(r.side, r.op) for r in d.facts.random_ops] == [
+        ("torch", "randn_like"), ("onnx", "RandomNormalLike")]
+    assert d.facts.random_ops[0].where == "Noisy"
+    rules = [s.rule for s in d.suggestions]
+    assert "random_ops" in rules
+    assert "instrumentation_changed_result" not in rules and "float_drift" not in rules
+    assert not any("Exposing intermediate tensors" in n for n in d.notes)
+    suggestion = next(s for s in d.suggestions if s.rule == "random_ops")
+    assert "tail" in suggestion.layers and "forward argument" in suggestion.fix
+    facts = to_json_dict(d)["facts"]
+    assert facts["random_ops"][1] == {"side": "onnx", "where": d.facts.random_ops[1].where,
+                                      "op": "RandomNormalLike"}
+
+
+def test_random_ops_are_recorded_in_the_module_that_draws():
+    """PyTorch's draws are found by the aten op, wherever they are made."""
+    from layerdiff.capture_torch import capture
+
+    class Draws(nn.Module):
+        def forward(self, x):
+            return x + torch.rand(x.shape) + torch.empty_like(x).normal_()
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.draws = Draws()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(self.draws(x)) * torch.bernoulli(torch.full_like(x, 0.5))
+
+    captured = capture(Outer().eval(), make_input(SHAPE, 0))
+    assert captured.random_ops == (("draws", "rand"), ("draws", "normal_"), ("Outer", "bernoulli"))
+    assert capture(nn.Conv2d(3, 3, 1), make_input(SHAPE, 0)).random_ops == ()

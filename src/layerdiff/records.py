@@ -247,11 +247,22 @@ class CaseResult:
 
 
 @dataclass(frozen=True)
+class RandomOp:
+    """An op that draws random numbers during the forward pass: the two sides draw
+    different numbers, so their values cannot agree downstream of it."""
+
+    side: str  # "torch" | "onnx"
+    where: str  # torch: the module path it ran in (the model's class name at the top); onnx: node name
+    op: str  # torch: the aten op ("randn_like"); onnx: the op type ("RandomNormalLike")
+
+
+@dataclass(frozen=True)
 class Facts:
     """Observations the rules read besides the layer table."""
 
     input_mutated: bool = False
     training_modules: tuple[str, ...] = ()  # modules left in training mode that matter
+    random_ops: tuple[RandomOp, ...] = ()  # random numbers drawn in forward, on either side
     onnx_training_nodes: tuple[str, ...] = ()  # BatchNormalization training_mode=1, ...
     mutated_outputs: tuple[str, ...] = ()  # modules whose output changed after the hook
     onnx_input_shape: tuple[int | str | None, ...] = ()  # as declared by the graph
