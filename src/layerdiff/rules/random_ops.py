@@ -37,8 +37,8 @@ def check(d: Diagnosis) -> Suggestion | None:
         parts.append("the ONNX file has random nodes ("
                      + ", ".join(f"{r.op} '{r.where}'" for r in onnx_side[:4]) + ")")
     else:
-        parts.append("the ONNX file has no random node: the exporter froze one draw into "
-                     "a constant")
+        parts.append("the ONNX file has no random node (the exporter may have frozen one "
+                     "draw into a constant)")
     first = d.first_divergence
     where = (f" The first divergence, {first.module or first.onnx_node}, is the first "
              "compared layer that reads a draw." if first is not None else
