@@ -24,7 +24,7 @@ import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import numpy as np
@@ -70,6 +70,18 @@ class _State:
     complete: set[int] = field(default_factory=set)
     claimed: dict[str, int] = field(default_factory=dict)  # tensor -> call
     why_not: dict[int, str] = field(default_factory=dict)
+    # Calls whose own output is known to be absent from the file (weights folded with a
+    # later factor): no later matcher may pair them with a guess.
+    absent: set[int] = field(default_factory=set)
+    # Modules called several times whose calls are not all paired yet: retried when
+    # data flow has paired more of their neighbours.
+    reused: list[_Reused] = field(default_factory=list)
+    _upstream: _Upstream | None = None
+
+    def upstream(self) -> _Upstream:
+        if self._upstream is None:
+            self._upstream = _Upstream(self.graph)
+        return self._upstream
 
     def real(self, call: int | None) -> int | None:
         """Follow aliases to the call that produced the value (-1: the model input)."""
@@ -89,7 +101,8 @@ class _State:
         return pair.onnx_tensor if pair else None
 
     def add(self, call: int, tensor: str, method: str, nodes: set[int]) -> bool:
-        if call in self.pairs or tensor in self.claimed or tensor in self.graph.constants:
+        if (call in self.pairs or call in self.absent or tensor in self.claimed
+                or tensor in self.graph.constants):
             return False
         if not _shape_fits(self.graph.shapes.get(tensor), self.calls[call].shape):
             return False
@@ -123,8 +136,12 @@ def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
     _check_weights(state, parameters)
     _pair_folded_batchnorm(state, parameters)
     _pair_fused_activations(state)
-    while _follow_data_flow(state):
-        pass
+    # A reused module's calls can often be told apart only once data flow has paired
+    # their neighbours; each round of one may unlock the other.
+    while _follow_data_flow(state) or _retry_reused(state):
+        # A Conv found by data flow alone may hold folded weights too (all zero, say,
+        # which no weight matcher finds).
+        _check_weights(state, parameters)
 
     aliases = tuple((c.index, state.real(c.index)) for c in calls
                     if c.alias_of is not None and state.real(c.index) is not None)
@@ -138,6 +155,7 @@ def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
         unmatched_torch=unmatched_torch,
         unmatched_onnx=_unmatched_onnx(state),
         has_scopes=has_scopes,
+        changed_weights=_changed_weights(state, parameters),
     )
 
 
@@ -215,18 +233,31 @@ def _match_by_scope(state: _State, scopes: dict[int, str | None]) -> None:
                 state.why_not[call.index] = (
                     f"its ONNX nodes do not split into {len(by_call)} calls; not paired")
             continue
+        if len(by_call) > 1:
+            # ONNX order is not call order (independent branches may be sorted either
+            # way): which instance is which call is decided from data flow, below.
+            state.reused.append(_Reused(path, list(by_call.values()), instances,
+                                        ["scope"] * len(instances)))
+            continue
         for returned, inst in zip(by_call.values(), instances):
-            boundary = _boundary_outputs(graph, inst)
-            for call in returned:
-                if call.alias_of is not None:
-                    continue
-                outs = [t for t in boundary
-                        if _shape_fits(graph.shapes.get(t), call.shape) and t not in state.claimed]
+            for call, outs in _scope_outputs(state, returned, inst):
                 if len(outs) == 1:
                     state.add(call.index, outs[0], "scope", inst)
                 elif len(outs) > 1:
                     state.why_not[call.index] = (
                         f"{len(outs)} tensors leave its ONNX scope with its shape; not paired")
+    _retry_reused(state)
+
+
+def _scope_outputs(state: _State, returned: list[TorchCall],
+                   inst: set[int]) -> list[tuple[TorchCall, list[str]]]:
+    """Each non-alias call of one invocation with the unclaimed tensors leaving its
+    instance that have its shape."""
+    graph = state.graph
+    boundary = _boundary_outputs(graph, inst)
+    return [(call, [t for t in boundary if _shape_fits(graph.shapes.get(t), call.shape)
+                    and t not in state.claimed])
+            for call in returned if call.alias_of is None]
 
 
 def _instances(graph: OnnxGraph, nodes: list[int], calls: int) -> list[set[int]] | None:
@@ -255,6 +286,217 @@ def _boundary_outputs(graph: OnnxGraph, nodes: set[int]) -> list[str]:
             if out in outputs or any(r not in nodes for r in readers):
                 found.append(out)
     return found
+
+
+# --------------------------------------------------------------------------- reused modules
+
+
+class _Upstream:
+    """For each ONNX node, the nodes its value is computed from (itself included): one
+    Python int per node used as a bitset, built in one pass over the topological order."""
+
+    def __init__(self, graph: OnnxGraph) -> None:
+        self._bits: list[int] = []
+        for node in graph.nodes:
+            bits = 1 << node.index
+            for name in node.inputs:
+                producer = graph.producer.get(name)
+                if producer is not None and producer < node.index:
+                    bits |= self._bits[producer]
+            self._bits.append(bits)
+
+    def of(self, nodes: set[int]) -> int:
+        bits = 0
+        for i in nodes:
+            bits |= self._bits[i]
+        return bits
+
+
+def _bits(nodes: set[int]) -> int:
+    return sum(1 << i for i in nodes)
+
+
+@dataclass
+class _Reused:
+    """A module called several times and the ONNX pieces its calls may be: its scope's
+    instances, or the nodes that hold its weights. ``groups`` holds one list per
+    invocation (the tensors it returned), in execution order; ``candidates`` the node
+    sets, in no meaningful order, each with the pairing method it would give."""
+
+    module: str
+    groups: list[list[TorchCall]]
+    candidates: list[set[int]]
+    methods: list[str]  # "scope" | "weights" | "weights~", one per candidate
+
+
+SOLUTIONS_LIMIT = 64  # pairings of one reused module enumerated before giving up
+STEPS_LIMIT = 20_000
+
+
+def _retry_reused(state: _State) -> bool:
+    """Pair the calls of reused modules that data flow now tells apart; True on progress."""
+    progress = False
+    for reused in state.reused:
+        progress |= _pair_reused(state, reused)
+    state.reused = [r for r in state.reused
+                    if any(c.index not in state.pairs for g in r.groups for c in g
+                           if c.alias_of is None)]
+    return progress
+
+
+def _pair_reused(state: _State, reused: _Reused) -> bool:
+    """Pair a reused module's calls with its candidates where data flow leaves one choice.
+
+    ONNX's topological order is not PyTorch's call order (two independent branches
+    through one shared norm may be sorted either way), so neither order nor position
+    decides. A call may take a candidate only when:
+    1. its returned tensors fit the candidate's outputs (shape, unclaimed);
+    2. no tensor paired with a call that finished *after* it feeds the candidate (a
+       value cannot depend on one computed later; enclosing modules excepted, whose
+       output may be a value they computed before calling it);
+    3. the tensor paired with each module that produced its input feeds the candidate:
+       first tried as a direct input (past Identity/Cast), then anywhere upstream;
+    4. a later call's candidate never feeds an earlier call's.
+    Every assignment meeting these is enumerated; a call is paired only when all of
+    them give it the same candidate. Otherwise it stays unpaired, with the reason: a
+    wrong pair would show a divergence that does not exist.
+    """
+    graph, up = state.graph, state.upstream()
+    mine = [c for g in reused.groups for c in g if c.alias_of is None]
+    if all(c.index in state.pairs for c in mine):
+        return False
+    taken = {k for k, cand in enumerate(reused.candidates)
+             if any(state.instance.get(c.index) == cand for c in mine)}
+    open_groups = [g for g in reused.groups if not any(c.index in state.pairs for c in g)]
+    free = [k for k in range(len(reused.candidates)) if k not in taken]
+    cand_bits = {k: _bits(reused.candidates[k]) for k in free}
+    cand_up = {k: up.of(reused.candidates[k]) for k in free}
+    kind = "instances" if "scope" in reused.methods else "nodes holding its weights"
+    label = f"called {len(reused.groups)} times"
+    if len(free) < len(open_groups):
+        for call in (c for g in open_groups for c in g if c.alias_of is None):
+            state.why_not[call.index] = (f"{label}, with {len(free)} ONNX {kind} left for "
+                                         f"{len(open_groups)} calls; not paired")
+        return False
+    fits = {(j, k): _fit(state, reused, group, k) for j, group in enumerate(open_groups) for k in free}
+    later = [_later_mask(state, group) for group in open_groups]
+
+    solutions: list[tuple[int, ...]] | None = []
+    for strict in (True, False):
+        options = [[k for k in free if fits[j, k] is not None
+                    and not cand_up[k] & later[j] & ~cand_bits[k]
+                    and _fed_by_producers(state, group, reused.candidates[k], cand_up[k], strict)]
+                   for j, group in enumerate(open_groups)]
+        solutions = _solutions(options, cand_bits, cand_up)
+        if solutions is None or solutions:
+            break
+    progress = False
+    for j, group in enumerate(open_groups):
+        chosen = {solution[j] for solution in solutions or ()}
+        if len(chosen) == 1:
+            k = chosen.pop()
+            for call, tensors in fits[j, k]:
+                if len(tensors) == 1:
+                    progress |= state.add(call.index, tensors[0], reused.methods[k],
+                                          reused.candidates[k])
+                elif len(tensors) > 1:
+                    state.why_not[call.index] = (
+                        f"{len(tensors)} tensors leave its ONNX scope with its shape; not paired")
+            continue
+        if solutions is None:
+            reason = f"{label}: too many ways to pair its calls with its ONNX {kind}; not paired"
+        elif not solutions:
+            reason = (f"{label}: no pairing of its calls with its ONNX {kind} fits the data "
+                      "flow; not paired")
+        else:
+            reason = (f"{label}: {len(chosen)} of its ONNX {kind} fit this call's data flow; "
+                      "not paired")
+        for call in group:
+            if call.alias_of is None and call.index not in state.pairs:
+                state.why_not[call.index] = reason
+    return progress
+
+
+def _fit(state: _State, reused: _Reused, group: list[TorchCall],
+         k: int) -> list[tuple[TorchCall, list[str]]] | None:
+    """The tensors each call of ``group`` could take in candidate ``k`` (None: none fits)."""
+    graph, nodes = state.graph, reused.candidates[k]
+    if reused.methods[k] == "scope":
+        found = _scope_outputs(state, group, nodes)
+    else:  # one weighted node (and its bias Add): the output is the last of them
+        tensor = graph.nodes[max(nodes)].outputs[0]
+        found = [(call, [tensor] if tensor not in state.claimed
+                  and _shape_fits(graph.shapes.get(tensor), call.shape) else [])
+                 for call in group if call.alias_of is None]
+    return None if any(not tensors for _, tensors in found) else found
+
+
+def _later_mask(state: _State, group: list[TorchCall]) -> int:
+    """Rule 2 of _pair_reused: the nodes holding tensors paired with calls that finished
+    after ``group``, as a bitset (enclosing modules excepted)."""
+    last = max(c.index for c in group)
+    module = group[0].module
+    mask = 0
+    for call, pair in state.pairs.items():
+        if call > last and not module.startswith(state.calls[call].module + "."):
+            node = state.graph.producer.get(pair.onnx_tensor)
+            if node is not None:
+                mask |= 1 << node
+    return mask
+
+
+def _fed_by_producers(state: _State, group: list[TorchCall], nodes: set[int], upstream: int,
+                      strict: bool) -> bool:
+    """Rule 3 of _pair_reused: the tensors of the modules that made this invocation's
+    input reach the candidate (``strict``: as its direct inputs)."""
+    graph = state.graph
+    first = min(c.index for c in group)
+    inputs = None
+    for producer in {state.real(p) for p in state.calls[first].producers}:
+        if producer is None or producer >= first:
+            continue
+        tensor = state.tensor_of(producer)
+        if tensor is None:
+            continue
+        if strict:
+            if inputs is None:
+                inputs = {_before_pass_through(graph, t) for t in _external_inputs(graph, nodes)}
+            if tensor not in inputs:
+                return False
+        else:
+            node = graph.producer.get(tensor)
+            if node is not None and (node in nodes or not upstream >> node & 1):
+                return False
+    return True
+
+
+def _solutions(options: list[list[int]], cand_bits: dict[int, int],
+               cand_up: dict[int, int]) -> list[tuple[int, ...]] | None:
+    """Every injective choice of one option per group (groups in execution order) in
+    which no later group's candidate feeds an earlier one's; None past the limits."""
+    found: list[tuple[int, ...]] = []
+    chosen: list[int] = []
+    steps = 0
+
+    def extend(j: int) -> bool:
+        nonlocal steps
+        if j == len(options):
+            found.append(tuple(chosen))
+            return len(found) < SOLUTIONS_LIMIT
+        for k in options[j]:
+            steps += 1
+            if steps > STEPS_LIMIT:
+                return False
+            if k in chosen or any(cand_up[i] & cand_bits[k] for i in chosen):
+                continue
+            chosen.append(k)
+            going = extend(j + 1)
+            chosen.pop()
+            if not going:
+                return False
+        return True
+
+    return found if extend(0) else None
 
 
 # --------------------------------------------------------------------------- weights
@@ -286,6 +528,13 @@ def _match_by_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]
         if weight is not None:
             owners[_digest(weight)].add(call.module)
 
+    # A module called several times owns as many nodes with its weight, in an order
+    # that need not be its calls' order: those are paired from data flow (_Reused).
+    calls_of: dict[str, list[TorchCall]] = defaultdict(list)
+    for call in state.calls:
+        if call.index in parameters and call.alias_of is None:
+            calls_of[call.module].append(call)
+
     used: set[int] = set()
     for call in state.calls:
         weight = parameters.get(call.index, {}).get("weight")
@@ -294,13 +543,68 @@ def _match_by_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]
         digest = _digest(weight)
         if len(owners[digest]) > 1:
             continue
+        if len(calls_of[call.module]) > 1:
+            continue  # _match_reused_weights
         for node in nodes_by_weight.get(digest, ()):
             if node.index in used:
                 continue
             if _add_weighted(state, call, node, parameters, "weights"):
                 used.add(node.index)
                 break
-    _match_by_close_weights(state, parameters, used)
+    reused = {module for module, calls in calls_of.items() if len(calls) > 1}
+    _match_reused_weights(state, parameters, calls_of, owners, used)
+    _match_by_close_weights(state, parameters, used, reused)
+
+
+def _match_reused_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]],
+                          calls_of: dict[str, list[TorchCall]], owners: dict[str, set[str]],
+                          used: set[int]) -> None:
+    """A module called several times owns as many nodes with its weight (or, in a changed
+    file, nearly its weight), in an order that need not be its calls' order: they are
+    paired from data flow (_pair_reused), never in the order they come."""
+    graph = state.graph
+    for module, calls in calls_of.items():
+        weight = parameters[calls[0].index].get("weight")
+        groups = [[c] for c in calls if c.index not in state.pairs]
+        if len(calls) < 2 or not groups or weight is None or len(owners[_digest(weight)]) > 1:
+            continue
+        found = _weight_candidates(graph, weight, used)
+        exact = [(node, method) for node, method in found if method == "weights"]
+        if len(exact) >= len(groups):  # a close one would only add doubt
+            found = exact
+        if not found:
+            continue
+        used.update(node.index for node, _ in found)
+        bias = parameters[calls[0].index].get("bias")
+        candidates = [{node.index, graph.producer[_with_bias(graph, node, bias)]}
+                      for node, _ in found]
+        state.reused.append(_Reused(module, groups, candidates, [m for _, m in found]))
+    _retry_reused(state)
+
+
+def _weight_candidates(graph: OnnxGraph, weight: np.ndarray,
+                       used: set[int]) -> list[tuple[OnnxNode, str]]:
+    """Unclaimed nodes whose weight is ``weight`` ("weights", transposed for MatMul) or,
+    for a 2-D+ weight, nearly it ("weights~", see _match_by_close_weights)."""
+    found = []
+    for node in graph.nodes:
+        if (node.index in used or node.op_type not in WEIGHTED_OPS | SCALED_OPS
+                or len(node.inputs) < 2):
+            continue
+        onnx_weight = graph.constants.get(node.inputs[1])
+        if onnx_weight is None or onnx_weight.dtype.kind != "f":
+            continue
+        onnx_weight = onnx_weight.astype(np.float32)
+        if onnx_weight.shape != weight.shape and onnx_weight.T.shape == weight.shape:
+            onnx_weight = onnx_weight.T
+        if onnx_weight.shape != weight.shape:
+            continue
+        if np.array_equal(onnx_weight, weight):
+            found.append((node, "weights"))
+        elif (weight.ndim >= 2 and node.op_type in WEIGHTED_OPS
+              and _channel_similarity(weight, onnx_weight) >= CLOSE_COSINE):
+            found.append((node, "weights~"))
+    return found
 
 
 def _add_weighted(state: _State, call: TorchCall, node: OnnxNode,
@@ -314,7 +618,7 @@ CLOSE_MARGIN = 0.2  # ...and clearly closer than any other candidate
 
 
 def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]],
-                            used: set[int]) -> None:
+                            used: set[int], reused: set[str]) -> None:
     """Pair modules whose weight is *nearly* an unclaimed node's weight.
 
     The weight of a converted layer may differ from the checkpoint's: rounded to fp16,
@@ -327,7 +631,7 @@ def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.nd
             and len(n.inputs) > 1 and n.inputs[1] in graph.constants]
     for call in state.calls:
         weight = parameters.get(call.index, {}).get("weight")
-        if call.index in state.pairs or weight is None or weight.ndim < 2:
+        if call.index in state.pairs or weight is None or weight.ndim < 2 or call.module in reused:
             continue
         scored = []
         for node in free:
@@ -371,12 +675,62 @@ def _channel_scales(torch_weight: np.ndarray, onnx_weight: np.ndarray) -> np.nda
     return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
 
 
-def _check_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
-    """Unpair a weighted module whose node's weight is its own times one factor.
+FACTOR_RTOL = 1e-3  # per-channel fit of a folded weight: fp16 rounding stays inside it
 
-    Optimisers (onnxruntime's ConvMulFusion, onnxsim) fold a following ``* 0.2`` into the
-    Conv: the node then computes a later value, and the module's own output exists
-    nowhere in the file. Comparing them would show a divergence that is not there.
+
+def _channel_factors(torch_weight: np.ndarray, onnx_weight: np.ndarray) -> np.ndarray | None:
+    """Per output channel, the factor f with onnx = f * torch, when every channel is
+    exactly such a multiple (NaN for a channel the module's weight has all zero); None
+    when the file's weight is not the module's scaled per channel (another weight)."""
+    a = torch_weight.reshape(torch_weight.shape[0], -1).astype(np.float64)
+    b = onnx_weight.reshape(onnx_weight.shape[0], -1).astype(np.float64)
+    factors = _channel_scales(torch_weight, onnx_weight)
+    size = np.abs(a).max(axis=1)
+    off = np.abs(b - factors[:, None] * a).max(axis=1)
+    if np.any(off > FACTOR_RTOL * np.maximum(size * np.maximum(np.abs(factors), 1.0), 1e-30)):
+        return None
+    return np.where(size > 0, factors, np.nan)
+
+
+def _factor_source(state: _State, parameters: dict[int, dict[str, np.ndarray]], call_index: int,
+                   factors: np.ndarray) -> tuple[int, str] | None:
+    """The parameter of the PyTorch model that holds ``factors``: (owning call, or -1 for
+    the root model; its name). Only a multiplication that exists in the model can have
+    been folded, by the module around the layer or one that consumes its output (a
+    layer scale ``x * gamma``, zeros included); per-channel factors found nowhere mean
+    the file's weights were changed."""
+    module = state.calls[call_index].module
+    known = ~np.isnan(factors)
+    for owner, params in parameters.items():
+        if owner == call_index:
+            continue
+        if owner >= 0:
+            other = state.calls[owner]
+            encloses = module.startswith(other.module + ".") and owner > call_index
+            consumes = call_index in {state.real(p) for p in other.producers}
+            if not (encloses or consumes):
+                continue
+        for name, value in params.items():
+            flat = value.reshape(-1).astype(np.float64)
+            if name.endswith("bias") or flat.size != factors.size:
+                continue
+            scale = max(float(np.abs(flat).max()), 1e-12)
+            if np.allclose(flat[known], factors[known], rtol=FACTOR_RTOL, atol=1e-6 * scale):
+                return owner, name
+    return None
+
+
+def _check_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
+    """Unpair (or move) a weighted module whose node's weight is its own times a factor.
+
+    Optimisers (onnxruntime's ConvMulFusion, onnxslim) fold a following ``* 0.2``, or a
+    layer scale ``x * gamma`` (one factor per channel, zeros included), into the Conv:
+    the node then computes a later value, and the module's own output exists nowhere in
+    the file. Comparing them would show a divergence that is not there. A per-channel
+    factor counts as folded only when the PyTorch model holds it (_factor_source): the
+    pair then moves to the module that applies it, or is dropped with the reason. Other
+    per-channel changes (a wrong checkpoint, an edited channel) stay paired: they are
+    real divergences, and a folded BatchNorm is paired later (_pair_folded_batchnorm).
     """
     graph = state.graph
     for call_index, pair in list(state.pairs.items()):
@@ -389,14 +743,58 @@ def _check_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) 
             continue
         if np.array_equal(onnx_weight, weight):
             continue
-        scales = _channel_scales(weight, onnx_weight)
-        factor = float(np.median(scales))
-        uniform = np.allclose(scales, factor, rtol=1e-3) and abs(factor - 1) > 1e-2
-        if uniform and _channel_similarity(weight, onnx_weight) > FOLDED:
+        factors = _channel_factors(weight, onnx_weight)
+        known = factors[~np.isnan(factors)] if factors is not None else np.array([])
+        if factors is None or not known.size or np.all(np.abs(known - 1) <= 1e-2):
+            continue  # another weight, or fp16 rounding: compared as it is
+        source = _factor_source(state, parameters, call_index, factors)
+        if source is not None:
+            _fold_into(state, call_index, node, source)
+        elif np.allclose(known, known[0], rtol=1e-3):
             _unpair(state, call_index)
+            state.absent.add(call_index)
             state.why_not[call_index] = (
-                f"its weights in '{node.name}' are its own times {factor:.3g}: a following "
+                f"its weights in '{node.name}' are its own times {known[0]:.3g}: a following "
                 "multiplication was folded into it, so its own output is not in the file")
+
+
+def _changed_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> tuple[int, ...]:
+    """Paired modules whose node's weights differ from theirs beyond fp16 rounding (a
+    factor within 1% of 1 per channel): after _check_weights, no folding explains it."""
+    changed = []
+    for call_index, pair in state.pairs.items():
+        node = state.graph.node_of(pair.onnx_tensor) if pair.op_type in WEIGHTED_OPS else None
+        weight = parameters.get(call_index, {}).get("weight")
+        if node is None or weight is None or len(node.inputs) < 2 or pair.method == "fused":
+            continue
+        onnx_weight = state.graph.constants.get(node.inputs[1])
+        if onnx_weight is None or onnx_weight.shape != weight.shape or np.array_equal(onnx_weight, weight):
+            continue
+        factors = _channel_factors(weight, onnx_weight)
+        known = factors[~np.isnan(factors)] if factors is not None else None
+        if known is None or np.any(np.abs(known - 1) > 1e-2):
+            changed.append(call_index)
+    return tuple(sorted(changed))
+
+
+def _fold_into(state: _State, call_index: int, node: OnnxNode, source: tuple[int, str]) -> None:
+    """A module's node holds its weights times ``source``'s per-channel factor: pair the
+    node with the module that applies the factor when that module consumes this one's
+    output, otherwise leave the module unpaired."""
+    owner, name = source
+    nodes = state.instance.get(call_index, set())
+    tensor = state.pairs[call_index].onnx_tensor
+    _unpair(state, call_index)
+    state.absent.add(call_index)
+    holder = "the model" if owner < 0 else state.calls[owner].label
+    consumer = owner >= 0 and {state.real(p) for p in state.calls[owner].producers} == {call_index}
+    if consumer and state.add(owner, tensor, "fused", nodes):
+        state.why_not[call_index] = f"fused into ONNX node '{node.name}' with {holder}"
+        return
+    state.why_not[call_index] = (
+        f"weights folded with a per-channel factor: its weights in '{node.name}' are its own "
+        f"times {holder}'s '{name}' (a following multiplication folded into it), so its own "
+        "output is not in the file")
 
 
 def _unpair(state: _State, call_index: int) -> None:
@@ -419,7 +817,9 @@ def _pair_fused_activations(state: _State) -> None:
         if pair is None or pair.op_type not in ("FusedConv", "FusedGemm"):
             continue
         node = graph.node_of(pair.onnx_tensor)
-        if not node.attrs.get("activation"):
+        # Only the activation the node applies: a Conv left unpaired after a FusedConv
+        # (its weights folded, say) is no activation of it.
+        if node.attrs.get("activation") not in MODULE_OPS[call.module_type]:
             continue
         nodes = state.instance.get(layer, set())
         _unpair(state, layer)
@@ -591,10 +991,9 @@ def unpair(alignment: Alignment, dropped: Mapping[int, Unmatched]) -> Alignment:
     """``alignment`` without the pairs at positions ``dropped``, which become unmatched."""
     if not dropped:
         return alignment
-    return Alignment(pairs=tuple(p for k, p in enumerate(alignment.pairs) if k not in dropped),
-                     aliases=alignment.aliases,
-                     unmatched_torch=alignment.unmatched_torch + tuple(dropped.values()),
-                     unmatched_onnx=alignment.unmatched_onnx, has_scopes=alignment.has_scopes)
+    return replace(alignment,
+                   pairs=tuple(p for k, p in enumerate(alignment.pairs) if k not in dropped),
+                   unmatched_torch=alignment.unmatched_torch + tuple(dropped.values()))
 
 
 def _same_values(reference: np.ndarray, value: np.ndarray) -> bool:

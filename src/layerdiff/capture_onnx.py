@@ -72,6 +72,16 @@ class OnnxGraph:
         return tainted
 
 
+# Ops that draw random numbers when the graph runs (training-mode Dropout is read apart).
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
+                        "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def random_nodes(graph: OnnxGraph) -> tuple[OnnxNode, ...]:
+    """The nodes that draw random numbers: no two runs, nor PyTorch, agree after them."""
+    return tuple(n for n in graph.nodes if n.op_type in RANDOM_OPS)
+
+
 @dataclass(frozen=True)
 class RuntimeFailure:
     node: str

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from .errors import LayerdiffError, first_line
 from .records import TorchCall
 
@@ -32,7 +34,11 @@ class TorchCapture:
     outputs: list[np.ndarray]  # the model's final outputs, flattened
     input_mutated: bool
     training_modules: tuple[str, ...]
-    parameters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # call -> params
+    # (module path, aten op) of every random draw in forward, first occurrence each
+    random_ops: tuple[tuple[str, str], ...] = ()
+    # call -> its module's own parameters; key -1: the root model's own, which no hook sees
+    # (a layer scale ``self.gamma`` used in the top-level forward, say).
+    parameters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -58,6 +64,31 @@ def _simple_attrs(module: torch.nn.Module) -> dict[str, Any]:
     return attrs
 
 
+# aten ops that draw from the random generator. Dropout in training mode is left to
+# training_modules (the training_mode rule): its draws happen inside native_dropout.
+RANDOM_ATEN_OPS = frozenset({
+    "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
+    "normal", "normal_", "uniform", "uniform_", "bernoulli", "bernoulli_", "multinomial",
+    "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "poisson",
+    "rrelu_with_noise",
+})
+
+
+class _RandomDraws(TorchDispatchMode):
+    """Notes every random aten op run during the forward, with the module it ran in."""
+
+    def __init__(self, where: Callable[[], str]) -> None:
+        super().__init__()
+        self._where = where
+        self.found: dict[tuple[str, str], None] = {}  # ordered set
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in RANDOM_ATEN_OPS:
+            self.found[(self._where(), name)] = None
+        return func(*args, **(kwargs or {}))
+
+
 class _Recorder:
     """Hook state: the calls so far and which live tensor each call produced."""
 
@@ -74,6 +105,7 @@ class _Recorder:
         self._producer: dict[int, tuple[weakref.ref, int, int]] = {}
         self._count: dict[str, int] = {}
         self._pending: list[tuple[int | None, ...]] = []  # producers of calls in progress
+        self.running: list[str] = []  # paths of the modules whose forward is in progress
         self._remember(model_input, -1)
 
     def _remember(self, tensor: torch.Tensor, call: int) -> None:
@@ -87,8 +119,9 @@ class _Recorder:
         _, version, call = entry
         return call, tensor._version == version
 
-    def before(self, args: tuple) -> None:
+    def before(self, path: str, args: tuple) -> None:
         """Forward pre-hook: note the producers now, before an in-place module changes them."""
+        self.running.append(path)
         # A producer counts only if its tensor still holds the values it made:
         # `x += skip` between two modules makes the input a functional op's result.
         self._pending.append(
@@ -96,6 +129,8 @@ class _Recorder:
 
     def hook(self, path: str, module: torch.nn.Module, output: Any) -> None:
         producers = self._pending.pop() if self._pending else ()
+        if self.running:
+            self.running.pop()
         outs = _tensors(output)
         if not outs:
             return
@@ -152,7 +187,8 @@ def _hooks(model: torch.nn.Module, recorder: _Recorder) -> Iterator[None]:
         for path, module in model.named_modules():
             if module is model:
                 continue
-            handles.append(module.register_forward_pre_hook(lambda m, a: recorder.before(a)))
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, _p=path: recorder.before(_p, a)))
             handles.append(module.register_forward_hook(
                 lambda m, a, o, _p=path: recorder.hook(_p, m, o)))
         yield
@@ -191,8 +227,10 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
     # A model in training mode updates BatchNorm running statistics as it runs: restore
     # them, so that diagnosing a model does not change it.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
+    top = type(model).__name__
+    draws = _RandomDraws(lambda: recorder.running[-1] if recorder.running else top)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), draws:
             if use_hooks:
                 with _hooks(model, recorder):
                     result = model(own_input)
@@ -209,6 +247,11 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
             for name, value in model.named_buffers():
                 if name in buffers:
                     value.copy_(buffers[name])
+    if parameters and isinstance(model, torch.nn.Module):
+        own = {name: p.detach().float().cpu().numpy().copy()
+               for name, p in model.named_parameters(recurse=False)}
+        if own:
+            recorder.parameters[-1] = own
     outputs = [_to_numpy(t) for t in _tensors(result)]
     if not outputs:
         raise LayerdiffError(
@@ -225,6 +268,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
         outputs=outputs,
         input_mutated=not same_values(own_input, example),
         training_modules=training_modules(model) if isinstance(model, torch.nn.Module) else (),
+        random_ops=tuple(draws.found),
         parameters=recorder.parameters,
     )
 

@@ -25,7 +25,7 @@ from .exporting import describe_onnx, export_onnx
 from .loading import from_module, load_model
 from .records import (
     Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, LayerResult, LoadedModel,
-    OnnxSource, OutputResult, Settings, TorchCall,
+    OnnxSource, OutputResult, RandomOp, Settings, TorchCall,
 )
 from .rules import suggest
 from .run_case import CaseRun as _Case, CaseRunner
@@ -210,14 +210,18 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
     # An input on which onnxruntime failed produced no output: nothing is masked there.
     masked = masked and all(r.final_outputs is not None for r in results)
 
+    random_ops = _random_ops(main, graph)
     facts = Facts(
         input_mutated=any(r.input_mutated for r in results),
         training_modules=main.training_modules,
+        random_ops=random_ops,
         onnx_training_nodes=_training_nodes(graph),
         mutated_outputs=tuple(c.label for c in main.calls if c.mutated_later),
         onnx_input_shape=tuple(graph.inputs[0][2]) if graph.inputs else (),
         ort_optimisation_level=ort_level,
-        instrumentation_delta=runner.instrumentation_delta(main),
+        # A plain run draws other random numbers: it would measure the draws, not fusions.
+        instrumentation_delta=(None if any(r.side == "onnx" for r in random_ops)
+                               else runner.instrumentation_delta(main)),
         export_size=export_size,
         segments=len(main.plan),
     )
@@ -466,6 +470,11 @@ def _sizes(check_sizes, shape: tuple[int, ...], graph: capture_onnx.OnnxGraph):
                         "checked (export with dynamic height and width to use other sizes)")
         return [cases_.default_check_size(*shape[-2:])], ""
     return [tuple(s) for s in check_sizes], ""
+
+
+def _random_ops(case: _Case, graph: capture_onnx.OnnxGraph) -> tuple[RandomOp, ...]:
+    return (tuple(RandomOp("torch", where, op) for where, op in case.random_ops)
+            + tuple(RandomOp("onnx", n.name, n.op_type) for n in capture_onnx.random_nodes(graph)))
 
 
 def _training_nodes(graph: capture_onnx.OnnxGraph) -> tuple[str, ...]:

@@ -118,6 +118,9 @@ class Alignment:
     unmatched_torch: tuple[Unmatched, ...]
     unmatched_onnx: tuple[Unmatched, ...]
     has_scopes: bool  # the ONNX file kept module names
+    # Paired calls whose ONNX node holds weights that are not the module's and that no
+    # folding explains (another checkpoint, an edited file): TorchCall indices.
+    changed_weights: tuple[int, ...] = ()
 
     def coverage(self) -> dict[str, float | int]:
         """How much of the PyTorch model was compared: shares of module calls that
@@ -244,11 +247,22 @@ class CaseResult:
 
 
 @dataclass(frozen=True)
+class RandomOp:
+    """An op that draws random numbers during the forward pass: the two sides draw
+    different numbers, so their values cannot agree downstream of it."""
+
+    side: str  # "torch" | "onnx"
+    where: str  # torch: the module path it ran in (the model's class name at the top); onnx: node name
+    op: str  # torch: the aten op ("randn_like"); onnx: the op type ("RandomNormalLike")
+
+
+@dataclass(frozen=True)
 class Facts:
     """Observations the rules read besides the layer table."""
 
     input_mutated: bool = False
     training_modules: tuple[str, ...] = ()  # modules left in training mode that matter
+    random_ops: tuple[RandomOp, ...] = ()  # random numbers drawn in forward, on either side
     onnx_training_nodes: tuple[str, ...] = ()  # BatchNormalization training_mode=1, ...
     mutated_outputs: tuple[str, ...] = ()  # modules whose output changed after the hook
     onnx_input_shape: tuple[int | str | None, ...] = ()  # as declared by the graph

@@ -300,6 +300,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
     facts = {
         "input_mutated": bool(f.input_mutated),
         "training_modules": list(f.training_modules),
+        "random_ops": [{"side": r.side, "where": r.where, "op": r.op} for r in f.random_ops],
         "onnx_training_nodes": list(f.onnx_training_nodes),
         "mutated_outputs": list(f.mutated_outputs),
         "onnx_input_shape": _plain(f.onnx_input_shape),
@@ -714,6 +715,9 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         facts.append(("input", "the model modifies its input tensor in place"))
     if f.training_modules:
         facts.append(("left in training mode", ", ".join(f.training_modules)))
+    if f.random_ops:
+        facts.append(("random numbers drawn in forward",
+                      ", ".join(f"{r.op} ({r.side}: {r.where})" for r in f.random_ops)))
     if f.onnx_training_nodes:
         facts.append(("ONNX training-mode nodes", ", ".join(f.onnx_training_nodes)))
     if f.mutated_outputs:

@@ -64,6 +64,7 @@ class CaseRun:
     plan: list[segments.Segment] = field(default_factory=list)
     noise: dict[int, float] = field(default_factory=dict)  # call -> fp32 noise floor
     output_noise: list[float] = field(default_factory=list)
+    random_ops: tuple[tuple[str, str], ...] = ()  # capture_torch.TorchCapture.random_ops
 
     def summary(self) -> CaseResult:
         verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
@@ -145,7 +146,7 @@ class CaseRunner:
                          captured.activations, final, layers, outputs, divergence, first.failure,
                          final_outputs, captured.outputs, captured.input_mutated,
                          captured.training_modules, notes, plan=plan, noise=noise,
-                         output_noise=output_noise)
+                         output_noise=output_noise, random_ops=captured.random_ops)
         if divergence is not None:
             layer = next((l for l in layers if l.status == "fail"
                           and l.module == divergence.module), None)
@@ -252,6 +253,9 @@ class CaseRunner:
         """PyTorch in float64: the fp32 noise floor of the ``wanted`` calls and of the
         outputs, and float64 - float32 for those calls (a store); empty when off."""
         if self.settings.reference != "float64" or not captured.calls:
+            return {}, None, []
+        if captured.random_ops:  # a second forward draws other numbers: no noise floor
+            notes.append("float64 referee skipped: the model draws random numbers in forward")
             return {}, None, []
         residuals = TensorStore(self.spill, ("float64", number))
         noise: dict[int, float] = {}

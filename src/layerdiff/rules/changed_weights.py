@@ -1,7 +1,9 @@
 """Rule: the ONNX layer's weights are not the checkpoint's.
 
 1. Fires when the first diverging layer was paired by weights that are close to, but
-   not equal to, the module's parameters (alignment method "weights~").
+   not equal to, the module's parameters (alignment method "weights~"), or was paired
+   by name with a node whose weights are not the module's and that no folding explains
+   (``alignment.changed_weights``; a layer scale or BatchNorm folded in is not a change).
 2. The file was exported from another checkpoint, or edited after export; fp32 export
    copies weights bit for bit.
 """
@@ -18,7 +20,9 @@ def check(d: Diagnosis) -> Suggestion | None:
     if first is None:
         return None
     layer = next((l for l in d.layers if l.module == first.module), None)
-    if layer is None or layer.method != "weights~":
+    changed = d.alignment.changed_weights if d.alignment else ()
+    if layer is None or not (layer.method == "weights~"
+                             or any(d.calls[i].label == first.module for i in changed)):
         return None
     return Suggestion(
         "changed_weights", "This layer's ONNX weights differ from the checkpoint's",

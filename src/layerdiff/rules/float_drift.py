@@ -19,6 +19,8 @@
      = max_rel suffices when max_rel <= 1, but near zero (atol = 0) relative error is
      unbounded, so the rule suggests atol = the largest max_abs (every element then
      passes, at any rtol) and states the rtol bounds.
+4. Silent when the model draws random numbers in forward (``facts.random_ops``): the
+   error then comes from different draws, not rounding (rule random_ops).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def suggested_tolerance(d: Diagnosis) -> tuple[float, float, str]:
 
 
 def check(d: Diagnosis) -> Suggestion | None:
-    if d.verdict == "error" or d.first_divergence is not None:
+    if d.verdict == "error" or d.first_divergence is not None or d.facts.random_ops:
         return None
     counted = [l for l in d.layers if not l.ignored]
     if any(l.status in ("fail", "not_run") for l in counted):
