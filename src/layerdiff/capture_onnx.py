@@ -107,6 +107,23 @@ def load_graph(path: str | Path) -> OnnxGraph:
 
 
 def graph_from_model(model: onnx.ModelProto, path: Path | None = None) -> OnnxGraph:
+    try:
+        return _graph_from_model(model, path)
+    except OnnxLoadError:
+        raise
+    except Exception as exc:
+        # A file that parses can still be inconsistent in many ways (a cycle, an unknown
+        # element type, an initializer shorter than its shape, a name used twice), and
+        # onnx-graphsurgeon and numpy each fail on them with their own exception types.
+        raise OnnxLoadError(
+            f"cannot read the graph in {path or 'the ONNX model'}: "
+            f"{type(exc).__name__}: {first_line(exc)}",
+            hint="the file may be damaged or hand-edited; `python -m onnx.checker FILE` "
+                 "says more; re-export it",
+        ) from exc
+
+
+def _graph_from_model(model: onnx.ModelProto, path: Path | None) -> OnnxGraph:
     if not model.graph.node:
         raise OnnxLoadError(f"{path or 'the ONNX model'} has no nodes", hint="re-export it")
     # Inferred shapes and types guide alignment only. The model that runs is the one
@@ -179,11 +196,14 @@ def _scope(name: str, metadata: dict[str, str]) -> tuple[str | None, str]:
     non-numeric atom, so only the aligner, which knows the module paths, can resolve it.
     """
     if _SCOPE_KEY in metadata:
+        # Metadata only helps alignment: when it is not the exporter's list of names,
+        # the node is treated as having none.
         try:
             scopes = ast.literal_eval(metadata[_SCOPE_KEY])
+        except Exception:  # SyntaxError, ValueError, tokenize's TokenError, RecursionError...
+            scopes = None
+        if isinstance(scopes, (list, tuple)) and all(isinstance(s, str) for s in scopes):
             return (scopes[-2] if len(scopes) >= 2 else ""), "dynamo"
-        except (ValueError, SyntaxError, IndexError):
-            pass
     if name and name.startswith("/"):
         return "/".join(name.strip("/").split("/")[:-1]), "legacy"
     return None, ""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -56,10 +56,7 @@ def from_file(path: str | Path, channels: int) -> torch.Tensor:
 
 
 def _from_npy(path: Path, channels: int) -> torch.Tensor:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"cannot read {path.name}: {exc}", hint="save it with np.save") from None
+    array = _read_npy(path)
     if array.dtype.kind not in "biuf":  # strings, objects, complex, dates...
         raise UsageError(f"{path.name} holds {array.dtype} values, not real numbers",
                          hint="save a float array (N,C,H,W) with np.save")
@@ -68,26 +65,53 @@ def _from_npy(path: Path, channels: int) -> torch.Tensor:
     if array.ndim != 4 or array.shape[1] != channels:
         raise UsageError(f"{path.name} has shape {array.shape}; the model wants (N, {channels}, H, W)",
                          hint="save an N,C,H,W (or C,H,W) float array")
+    if array.size == 0:
+        raise UsageError(f"{path.name} is empty (shape {array.shape})",
+                         hint="save an N,C,H,W array with every dimension at least 1")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def _from_image(path: Path, channels: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
+def _read_npy(path: Path) -> np.ndarray:
+    """The array in ``path``, after checking that the size its header announces is the
+    size of the file: numpy allocates what the header says before reading (a header
+    announcing 1x3x100000x100000 asks for 112 GiB)."""
+    fmt = np.lib.format
     try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UsageError(f"cannot read {path.name} as an image: {exc}",
-                         hint="check the file") from None
+        with path.open("rb") as file:
+            version = fmt.read_magic(file)
+            read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                           else fmt.read_array_header_2_0)
+            shape, _, dtype = read_header(file)
+            data_bytes = path.stat().st_size - file.tell()
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects, which would need unpickling")
+        expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if expected != data_bytes:
+            raise ValueError(f"its header announces {shape} {dtype} ({expected} bytes) "
+                             f"but it holds {data_bytes} bytes")
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError, EOFError, OSError, TypeError...
+        raise UsageError(f"cannot read {path.name} as a .npy array: {first_line(exc)}",
+                         hint="save it with np.save; the file may be truncated") from None
+
+
+def _from_image(path: Path, channels: int) -> torch.Tensor:
+    from PIL import Image
+
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
     if mode is None:
         raise UsageError(f"the model takes {channels} channels; images give 1, 3 or 4",
                          hint="pass a .npy array with --input instead")
-    if image.mode in _DEEP_GREY:
-        array = _grey_to(_deep_grey(image), channels)
-    else:
-        array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in _DEEP_GREY:
+                array = _grey_to(_deep_grey(image), channels)
+            else:
+                array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    except Exception as exc:  # Pillow: OSError, DecompressionBombError, ValueError, SyntaxError...
+        raise UsageError(f"cannot read {path.name} as an image: {first_line(exc)}",
+                         hint="check the file (damaged, or too large?), or pass a .npy array") from None
     if array.ndim == 2:
         array = array[..., None]
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)[None]))
