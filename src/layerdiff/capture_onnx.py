@@ -126,6 +126,7 @@ def graph_from_model(model: onnx.ModelProto, path: Path | None = None) -> OnnxGr
 def _graph_from_model(model: onnx.ModelProto, path: Path | None) -> OnnxGraph:
     if not model.graph.node:
         raise OnnxLoadError(f"{path or 'the ONNX model'} has no nodes", hint="re-export it")
+    _check_names(model, path)
     # Inferred shapes and types guide alignment only. The model that runs is the one
     # given: inferred value_info written into it can contradict onnxruntime's own shape
     # inference (stale sizes in traced graphs) and stop the model from loading.
@@ -185,6 +186,30 @@ def _graph_from_model(model: onnx.ModelProto, path: Path | None) -> OnnxGraph:
             if inp:
                 result.consumers.setdefault(inp, []).append(node.index)
     return result
+
+
+def _check_names(model: onnx.ModelProto, path: Path | None) -> None:
+    """Every tensor a node reads is made by something, and every name is text: the
+    graph is cut and re-exported in segments, which fails on anything else."""
+    graph = model.graph
+    known = {t.name for t in graph.initializer} | {t.name for t in graph.input} | {""}
+    known.update(t.values.name for t in graph.sparse_initializer)
+    known.update(name for node in graph.node for name in node.output)
+    for node in graph.node:
+        for name in [*node.input, *node.output, node.name]:
+            # protobuf hands back bytes for a name that does not decode
+            if not isinstance(name, str):
+                raise OnnxLoadError(
+                    f"{path or 'the ONNX model'} has a name that is not UTF-8 text: {name!r}",
+                    hint="the file may be damaged; re-export it")
+        # Subgraphs (If, Loop) read outer tensors too; only top-level nodes are checked.
+        missing = [name for name in node.input if name not in known]
+        if missing:
+            raise OnnxLoadError(
+                f"{path or 'the ONNX model'}: node '{node.name}' ({node.op_type}) reads "
+                f"'{missing[0]}', which no node, initializer or graph input provides",
+                hint="the file may be damaged or hand-edited; `python -m onnx.checker FILE` "
+                     "says more; re-export it")
 
 
 def _scope(name: str, metadata: dict[str, str]) -> tuple[str | None, str]:
