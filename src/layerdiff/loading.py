@@ -205,7 +205,10 @@ def _unpickle(path: Path, trust_pickle: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
-        needed = _forbidden_global(error)
+        # torch names the global it refused; for a plain pickle (pickle.dump, not
+        # torch.save) its restricted reader may stop earlier, at an opcode it does not
+        # support, so the file's own first global is looked up.
+        needed = _forbidden_global(error) or _first_global(path)
         if needed is None:
             raise _unreadable(path, error) from None
         raise UntrustedPickleError(
@@ -223,6 +226,27 @@ def _unpickle(path: Path, trust_pickle: bool) -> object:
         ) from None
     except Exception as error:  # truncated zips, bad magic numbers, EOF...
         raise _unreadable(path, error) from None
+
+
+def _first_global(path: Path, limit: int = 1 << 22) -> str | None:
+    """The first class or function a plain pickle file imports ("posix.system"), read
+    with pickletools (which runs nothing) from its first ``limit`` bytes."""
+    if zipfile.is_zipfile(path):
+        return None
+    with path.open("rb") as file:
+        head = file.read(limit)
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(head):
+            if opcode.name in ("GLOBAL", "INST"):
+                return str(arg).replace(" ", ".")
+            if opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str) and "UNICODE" in opcode.name:
+                strings.append(arg)
+    except Exception:  # damaged, or cut at ``limit``: nothing more to learn
+        pass
+    return None
 
 
 def _forbidden_global(error: pickle.UnpicklingError) -> str | None:
