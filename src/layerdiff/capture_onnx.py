@@ -189,19 +189,18 @@ def _graph_from_model(model: onnx.ModelProto, path: Path | None) -> OnnxGraph:
 
 
 def _check_names(model: onnx.ModelProto, path: Path | None) -> None:
-    """Every tensor a node reads is made by something, and every name is text: the
-    graph is cut and re-exported in segments, which fails on anything else."""
+    """Every text in the file is UTF-8 and every tensor a node reads is made by
+    something: the graph is cut and re-exported in segments, which fails on either."""
     graph = model.graph
+    undecodable = _undecodable(model)
+    if undecodable:
+        raise OnnxLoadError(
+            f"{path or 'the ONNX model'} has text that is not UTF-8 ({undecodable})",
+            hint="the file may be damaged; re-export it")
     known = {t.name for t in graph.initializer} | {t.name for t in graph.input} | {""}
     known.update(t.values.name for t in graph.sparse_initializer)
     known.update(name for node in graph.node for name in node.output)
     for node in graph.node:
-        for name in [*node.input, *node.output, node.name]:
-            # protobuf hands back bytes for a name that does not decode
-            if not isinstance(name, str):
-                raise OnnxLoadError(
-                    f"{path or 'the ONNX model'} has a name that is not UTF-8 text: {name!r}",
-                    hint="the file may be damaged; re-export it")
         # Subgraphs (If, Loop) read outer tensors too; only top-level nodes are checked.
         missing = [name for name in node.input if name not in known]
         if missing:
@@ -210,6 +209,27 @@ def _check_names(model: onnx.ModelProto, path: Path | None) -> None:
                 f"'{missing[0]}', which no node, initializer or graph input provides",
                 hint="the file may be damaged or hand-edited; `python -m onnx.checker FILE` "
                      "says more; re-export it")
+
+
+def _undecodable(message) -> str | None:
+    """The first text field in ``message``, at any depth, that is not UTF-8 (protobuf
+    hands such a field back as bytes), as "field b'...'"; None when all decode."""
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        # protobuf 5.28+ has is_repeated; older versions only label
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:
+            repeated = field.label == field.LABEL_REPEATED
+        for item in (value if repeated else [value]):
+            if field.type == field.TYPE_STRING:
+                if isinstance(item, bytes):
+                    return f"{field.name} {item[:40]!r}"
+            else:
+                found = _undecodable(item)
+                if found:
+                    return found
+    return None
 
 
 def _scope(name: str, metadata: dict[str, str]) -> tuple[str | None, str]:
