@@ -33,6 +33,14 @@ class _Parser(argparse.ArgumentParser):
         print(f"hint: run '{self.prog} --help' for the options", file=sys.stderr)
         raise SystemExit(EXIT_ERROR)
 
+    def _get_values(self, action, arg_strings):  # type: ignore[override]
+        # argparse before Python 3.12 drops a "--" given as an option's value
+        # ("--seed=--") and hands the option an empty list instead of an error.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one value, "
+                       "not '--'")
+        return super()._get_values(action, arg_strings)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
