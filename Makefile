@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.layerdiff-installed
 
-.PHONY: install demo test test-browser samples clean
+.PHONY: install demo test test-browser fuzz samples clean
 
 install: $(STAMP)
 
@@ -30,8 +30,22 @@ test: $(STAMP)
 test-browser: $(STAMP)
 	$(PY) -m pytest tests/test_browser.py
 
+# Coverage-guided fuzzing (atheris) of the model and ONNX readers, FUZZ_SECONDS each, from
+# a seed corpus of valid files (fuzz/make_corpus.py). A reader that raises anything but
+# LayerdiffError, or takes more than 4 GB or 60 s on one input, stops the run and leaves
+# the input in $(FUZZ_DIR)/crash-*; reproduce with `$(PY) fuzz/fuzz_model_loader.py FILE`.
+FUZZ_SECONDS ?= 300
+FUZZ_DIR     ?= .fuzz
+FUZZ_FLAGS   := -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=60 -print_final_stats=1
+fuzz: $(STAMP)
+	$(PY) fuzz/make_corpus.py $(FUZZ_DIR)/corpus
+	$(PY) fuzz/fuzz_model_loader.py $(FUZZ_DIR)/corpus/model $(FUZZ_FLAGS) \
+		-artifact_prefix=$(FUZZ_DIR)/crash-model-
+	$(PY) fuzz/fuzz_onnx_loader.py $(FUZZ_DIR)/corpus/onnx $(FUZZ_FLAGS) \
+		-artifact_prefix=$(FUZZ_DIR)/crash-onnx-
+
 samples: $(STAMP)
 	$(PY) samples/make_samples.py
 
 clean:
-	rm -rf layerdiff_report .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf layerdiff_report .pytest_cache build *.egg-info src/*.egg-info .fuzz
