@@ -486,6 +486,26 @@ def test_cli_with_random_arguments(seeds, data):
         run_cli(argv, folder, tuple(o for o in outputs if o not in LEAD_FIXES))
 
 
+@settings(max_examples=60, **FUZZ)
+@given(data=st.data())
+def test_align_with_random_arguments(seeds, data):
+    argv = ["align", data.draw(st.sampled_from(["m.pth", "t.onnx", "missing.pth", "out"]))]
+    if data.draw(st.booleans(), label="--onnx"):
+        argv += ["--onnx", data.draw(OPTION_VALUES["--onnx"] | GARBAGE, label="onnx")]
+    if data.draw(st.booleans(), label="--input-shape"):
+        value = data.draw(OPTION_VALUES["--input-shape"], label="shape")
+        argv += [f"--input-shape={value}"]
+    if data.draw(st.booleans(), label="--trust-pickle"):
+        argv.append("--trust-pickle")
+    with workdir() as folder:
+        folder = Path(folder)
+        shutil.copy(seeds["compact_zip.pth"], folder / "m.pth")
+        shutil.copy(seeds["tiny.onnx"], folder / "t.onnx")
+        np.save(folder / "in.npy", np.zeros((1, 3, 8, 8), dtype=np.float32))
+        (folder / "out").mkdir()
+        run_cli(argv, folder, outputs=())
+
+
 # --------------------------------------------------------------------------- --input files
 
 NPY_DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int64", "bool", "complex64",
@@ -643,11 +663,21 @@ def test_real_command_ends_in_time(seeds, data):
             ["--ignore-layer", "["], ["--max-memory", "1K"]]), max_size=2), label="extra")
         argv = ["report", "m.pth", "--onnx", "t.onnx", *QUICK, "-o", "out/r.html",
                 *[a for pair in extra for a in pair]]
+        # Activations beyond --max-memory spill to TMPDIR: it must be left empty.
+        spill = Path(tempfile.mkdtemp(prefix="layerdiff-spill-"))
         before = digest(folder)
-        done = subprocess.run([sys.executable, "-m", "layerdiff.cli", *argv], cwd=folder,
-                              capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([sys.executable, "-m", "layerdiff.cli", *argv], cwd=folder,
+                                  capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "TMPDIR": str(spill)})
+            # Importing onnxruntime writes .ses and torch makes torchinductor_<user>/.
+            left = [p.name for p in spill.iterdir()
+                    if p.name != ".ses" and not p.name.startswith("torchinductor_")]
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
         assert "Traceback" not in done.stderr, done.stderr
         assert done.returncode in (0, 1, 2), (argv, done.stderr)
         after = digest(folder)
         assert all(after.get(k) == v for k, v in before.items())
         assert all(k in before or k.startswith("out") for k in after)
+        assert not left, f"{argv} left {left} in TMPDIR"
