@@ -451,8 +451,9 @@ def _report_options() -> list[tuple[str, object]]:
 
 
 REPORT_OPTIONS = _report_options()
-# Outputs the lead is making safe (refuse an output that is an input; atomic writes).
-LEAD_FIXES = ("m.pth", "t.onnx", "in.npy")
+# The example's input files. Also drawn as -o/--json/--fix-fp16 values, where they must
+# be refused: they are never allowed outputs, so overwriting one fails the example.
+INPUT_FILES = ("m.pth", "t.onnx", "in.npy")
 
 
 @settings(max_examples=400, **FUZZ)
@@ -483,7 +484,7 @@ def test_cli_with_random_arguments(seeds, data):
         shutil.copy(seeds["tiny.onnx"], folder / "t.onnx")
         np.save(folder / "in.npy", np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32))
         (folder / "out").mkdir()
-        run_cli(argv, folder, tuple(o for o in outputs if o not in LEAD_FIXES))
+        run_cli(argv, folder, tuple(o for o in outputs if o not in INPUT_FILES))
 
 
 @settings(max_examples=60, **FUZZ)

@@ -214,17 +214,17 @@ def _check_names(model: onnx.ModelProto, path: Path | None) -> None:
 def _undecodable(message) -> str | None:
     """The first text field in ``message``, at any depth, that is not UTF-8 (protobuf
     hands such a field back as bytes), as "field b'...'"; None when all decode."""
-    for field, value in message.ListFields():
-        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+    for descriptor, value in message.ListFields():
+        if descriptor.type not in (descriptor.TYPE_STRING, descriptor.TYPE_MESSAGE):
             continue
         # protobuf 5.28+ has is_repeated; older versions only label
-        repeated = getattr(field, "is_repeated", None)
+        repeated = getattr(descriptor, "is_repeated", None)
         if repeated is None:
-            repeated = field.label == field.LABEL_REPEATED
+            repeated = descriptor.label == descriptor.LABEL_REPEATED
         for item in (value if repeated else [value]):
-            if field.type == field.TYPE_STRING:
+            if descriptor.type == descriptor.TYPE_STRING:
                 if isinstance(item, bytes):
-                    return f"{field.name} {item[:40]!r}"
+                    return f"{descriptor.name} {item[:40]!r}"
             else:
                 found = _undecodable(item)
                 if found:
