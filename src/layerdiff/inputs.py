@@ -114,7 +114,8 @@ def _from_image(path: Path, channels: int) -> torch.Tensor:
                          hint="check the file (damaged, or too large?), or pass a .npy array") from None
     if array.ndim == 2:
         array = array[..., None]
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)[None]))
+    # A copy: Pillow's buffer behind a float image is read-only.
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1)[None], order="C"))
 
 
 # Pillow's modes for grey images deeper than 8 bits (16-bit PNG and TIFF, 32-bit TIFF).
