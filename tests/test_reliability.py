@@ -314,3 +314,10 @@ def test_json_exit_code_is_2_for_an_error_verdict(tmp_path, capsys):
                      "-o", tmp_path / "r.html", "--json", tmp_path / "r.json"], capsys)
     assert code == 2
     assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 2
+
+
+def test_an_error_stays_one_line_whatever_the_path_holds(capsys):
+    code, err = cli(["report", "a\x1eb\nc.pth"], capsys)
+    assert code == 2
+    assert err.splitlines()[0] == "error: model file not found: a\\x1eb\\nc.pth"
+    assert len(err.splitlines()) == 2

@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with the error line every other layerdiff error has, and a hint."""
 
     def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_printable(message)}", file=sys.stderr)
         print(f"hint: run '{self.prog} --help' for the options", file=sys.stderr)
         raise SystemExit(EXIT_ERROR)
 
@@ -176,14 +176,19 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         error = exc if isinstance(exc, LayerdiffError) else _environment_error(exc)
         if error is None:
-            print(f"error: internal error: {type(exc).__name__}: {first_line(exc)}",
+            print(f"error: internal error: {type(exc).__name__}: {_printable(first_line(exc))}",
                   file=sys.stderr)
             print(f"hint: {BUG_HINT}", file=sys.stderr)
             return EXIT_BUG
-        print(f"error: {error.message}", file=sys.stderr)
+        print(f"error: {_printable(error.message)}", file=sys.stderr)
         if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
+            print(f"hint: {_printable(error.hint)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _printable(text: str) -> str:
+    """One line, whatever a path or argument held: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _environment_error(exc: Exception) -> LayerdiffError | None:
