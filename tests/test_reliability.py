@@ -321,3 +321,8 @@ def test_an_error_stays_one_line_whatever_the_path_holds(capsys):
     assert code == 2
     assert err.splitlines()[0] == "error: model file not found: a\\x1eb\\nc.pth"
     assert len(err.splitlines()) == 2
+
+
+def test_an_onnx_file_given_as_the_model_is_named_as_such(capsys):
+    code, err = cli(["report", SAMPLES / "compact_x4.onnx"], capsys)
+    assert code == 2 and "is an ONNX file; MODEL is the PyTorch model" in err and "--onnx" in err

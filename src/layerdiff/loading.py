@@ -37,6 +37,9 @@ def load_model(path: str | Path, *, trust_pickle: bool = False) -> LoadedModel:
     """
     path = Path(path)
     _check_openable(path)
+    if path.suffix.lower() == ".onnx":  # the arguments swapped: a common slip
+        raise ModelLoadError(f"{path.name} is an ONNX file; MODEL is the PyTorch model",
+                             hint=f"run: layerdiff report MODEL.pth --onnx {path}")
     load = next((load for claims, load in _FORMATS if _claims(claims, path)), _load_checkpoint)
     try:
         return load(path, trust_pickle)
