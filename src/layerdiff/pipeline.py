@@ -86,9 +86,11 @@ def diagnose(
     LayerdiffError for input the user must fix. With ``reproducer_for`` (the report's
     path) and a numeric first divergence, the minimal reproducer (reproducer.py) is
     written next to it and named in the notes. ``max_memory`` (bytes; default
-    store.default_max_memory()) bounds what the process holds: activations beyond it
-    go to a temporary folder on disk and ONNX runs in segments. When the peak still
-    exceeds it (the model's own forward needs more), a note says so.
+    store.default_max_memory()) bounds what the process holds: activations and outputs
+    beyond it go to a temporary folder on disk and ONNX runs in segments. A UsageError
+    says so before anything runs at full size when the model's forward alone, estimated
+    from two small runs (footprint.py), cannot fit it; when the peak still exceeds it,
+    a note does.
     """
     rtol = rtol if rtol is not None else (1e-2 if fp16 else 1e-3)
     atol = atol if atol is not None else (1e-3 if fp16 else 1e-5)
@@ -134,7 +136,9 @@ def diagnose(
                         check_sizes=tuple(sizes), max_memory=limit)
     held, peak_before = memory.current_rss(), memory.peak_rss()
     largest = max([tuple(shape[-2:]), *sizes], key=lambda s: s[0] * s[1])
-    forward = footprint.forward(*largest) if footprint is not None else 0
+    # Shared out against the high end of the estimate; refused (above) only on the low.
+    forward = (footprint.forward(*largest, forward_memory.RSS_FACTOR_HIGH)
+               if footprint is not None else 0)
     store_bytes, segment_bytes = budgets(limit, held, forward)
     budget = forward_memory.Budget(limit, store_bytes, segment_bytes, footprint)
     with memory.Spill(store_bytes) as spill:

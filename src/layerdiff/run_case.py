@@ -29,14 +29,15 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, segments
+from . import footprint as forward_memory
 from .align import align, misfit, unpair
 from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
+from .footprint import Budget
 from .records import (
     Alignment, CaseResult, FirstDivergence, LayerResult, LoadedModel, Metrics, OutputResult,
     Referee, Settings, TorchCall, Unmatched,
 )
-from .footprint import Budget
 from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
 
 Progress = Callable[[str], None]
@@ -199,6 +200,7 @@ class CaseRunner:
                                                 rtol=s.rtol, atol=s.atol)
                     if not result.metrics[k].passed and result.resume is None:
                         result.resume = (index, known)
+            value = None  # not held while the next segment runs
             result.outputs.update(_graph_outputs(run, self.graph))
             result.failure = run.failure
         return result
@@ -364,7 +366,8 @@ class CaseRunner:
         footprint = self.budget.footprint
         if footprint is None:
             return False
-        one = footprint.torch_forward(*size) if times > 1 else footprint.forward(*size)
+        high = forward_memory.RSS_FACTOR_HIGH  # skipping an optional check costs little
+        one = footprint.torch_forward(*size, high) if times > 1 else footprint.forward(*size, high)
         need, room = times * one, self.budget.limit - current_rss()
         if need <= room:
             return False

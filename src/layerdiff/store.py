@@ -3,8 +3,8 @@
 A full-size model's activations do not fit in memory (ESRGAN at 256x256: about 12 GB of
 module outputs). A ``Spill`` keeps a copy of each array in RAM while its budget allows;
 past it, arrays are written straight from the caller's buffer to a private temporary
-folder as .npy files (no copy in memory at all) and read back on demand, a fresh array
-each time, freed when the caller drops it. Several ``TensorStore`` views (one per input
+folder as .npy files (no copy in memory at all) and mapped back on demand, a fresh
+read-only memory map each time, freed when the caller drops it. Several ``TensorStore`` views (one per input
 case) share one Spill, so one budget covers all of them.
 """
 
@@ -54,7 +54,9 @@ class Spill:
         if entry is None:
             return None
         path, _, _ = entry
-        return np.load(path, allow_pickle=False)
+        # Mapped, not read: pages come in as they are used, and compare() drops those it
+        # is done with, so a tensor read back for a comparison is never whole in memory.
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def shape_of(self, key: Hashable) -> tuple | None:
         value = self._ram.get(key)
