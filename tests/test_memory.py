@@ -154,7 +154,8 @@ def test_plan_covers_every_node_once_and_cuts_cleanly(arch, how, exported):
 # --------------------------------------------------------------------------- large inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPACT = [str(ROOT / "samples" / "compact_x4.pth"), "--onnx", str(ROOT / "samples" / "compact_x4.onnx")]
+COMPACT = [str(ROOT / "samples" / "compact_x4.pth"),
+           "--onnx", str(ROOT / "samples" / "compact_x4.onnx")]
 
 
 def run_cli(args: list[str], tmp_path) -> tuple[int, str, int, float]:
@@ -168,7 +169,8 @@ def run_cli(args: list[str], tmp_path) -> tuple[int, str, int, float]:
         _, status, usage = os.wait4(child.pid, 0)
         err.seek(0)
         text = err.read()
-    return os.waitstatus_to_exitcode(status), text, usage.ru_maxrss * 1024, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return os.waitstatus_to_exitcode(status), text, usage.ru_maxrss * 1024, seconds
 
 
 def test_forward_that_cannot_fit_is_refused_up_front(tmp_path):

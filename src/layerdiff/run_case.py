@@ -123,11 +123,11 @@ class CaseRunner:
         # Full-size outputs (GBs for an SR model at 4096 px) go into the store, within
         # its budget like the activations, instead of being held by every case.
         held = TensorStore(self.spill, ("outputs", number))
-        captured.outputs = StoredList(held, captured.outputs)
+        captured.outputs = StoredList(held, "torch", captured.outputs)
         first = self._first_pass(runner, feeds, alignment, captured)
         kept = {k: p for k, p in enumerate(alignment.pairs) if k not in first.dropped}
         final_outputs = (None if first.failure is not None
-                         else StoredList(held, (first.outputs[n] for n in graph.outputs)))
+                         else StoredList(held, "onnx", (first.outputs[n] for n in graph.outputs)))
         first.outputs.clear()
         outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
                                        rtol=s.rtol, atol=s.atol)
@@ -361,8 +361,8 @@ class CaseRunner:
 
     def _wont_fit(self, check: str, consequence: str, times: int, size: tuple[int, int]) -> bool:
         """Whether ``check``, a forward needing ``times`` the float32 forward's memory at
-        ``size`` (PyTorch's when more than once), must be skipped (never when its need is unknown); if so, ``skipped``
-        says why and what is missing."""
+        ``size`` (PyTorch's when more than once), must be skipped; never when the need is
+        unknown. If so, ``skipped`` says why and what is lost."""
         footprint = self.budget.footprint
         if footprint is None:
             return False

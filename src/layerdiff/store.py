@@ -4,8 +4,8 @@ A full-size model's activations do not fit in memory (ESRGAN at 256x256: about 1
 module outputs). A ``Spill`` keeps a copy of each array in RAM while its budget allows;
 past it, arrays are written straight from the caller's buffer to a private temporary
 folder as .npy files (no copy in memory at all) and mapped back on demand, a fresh
-read-only memory map each time, freed when the caller drops it. Several ``TensorStore`` views (one per input
-case) share one Spill, so one budget covers all of them.
+read-only memory map each time, freed when the caller drops it. Several ``TensorStore``
+views (one per input case) share one Spill, so one budget covers all of them.
 """
 
 from __future__ import annotations
@@ -155,10 +155,10 @@ class TensorStore(Mapping):
 class StoredList(Sequence):
     """A list of arrays kept in a TensorStore (a model's outputs): each read on demand."""
 
-    def __init__(self, store: TensorStore, values: Iterable[np.ndarray]) -> None:
+    def __init__(self, store: TensorStore, name: str, values: Iterable[np.ndarray]) -> None:
         self._store, self._keys = store, []
-        for value in values:
-            key = (id(self), len(self._keys))
+        for value in values:  # handed over: kept as they are while they fit in RAM
+            key = (name, len(self._keys))
             store.keep(key, value)
             self._keys.append(key)
 
