@@ -65,8 +65,10 @@ class Footprint:
 
     def largest_fitting(self, room: int, height: int, width: int) -> tuple[int, int] | None:
         """The largest H, W with the aspect of ``height`` x ``width`` whose forward fits
-        ``room`` bytes, in multiples of 16 (None when not even 16 x 16 fits)."""
-        pixels = min((room / RSS_FACTOR - self.fixed) / self.per_pixel,
+        ``room`` bytes, in multiples of 16 (None when not even 16 x 16 fits). On the
+        high end of the estimate: a size offered must fit (ESRGAN at the size the low
+        end gave peaked 13% over)."""
+        pixels = min((room / RSS_FACTOR_HIGH - self.fixed) / self.per_pixel,
                      room / (ORT_LARGEST * self.largest_per_pixel))
         if pixels <= 0:
             return None
