@@ -4,6 +4,13 @@ segments gives exactly the results of one that holds everything in memory."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +27,7 @@ UNBOUNDED = 64 * 2**30
 def tight(monkeypatch):
     """Budgets far below the models' activations: nothing stays in RAM, and every
     segment holds at most one aligned tensor's worth."""
-    monkeypatch.setattr(pipeline, "budgets", lambda limit, held: (0, 1))
+    monkeypatch.setattr(pipeline, "budgets", lambda limit, held, forward=0: (0, 1))
 
 
 def same_results(a, b):
@@ -112,7 +119,8 @@ def test_peak_over_the_limit_is_reported(exported):
         assert any("exceeded --max-memory" in n for n in d.notes)
 
 
-@pytest.mark.parametrize("arch,how", [("esrgan", "legacy"), ("swinir", "dynamo")])
+@pytest.mark.parametrize("arch,how", [("esrgan", "legacy"), ("swinir", "dynamo"),
+                                      ("compact", "legacy")])
 def test_plan_covers_every_node_once_and_cuts_cleanly(arch, how, exported):
     import torch
 
@@ -131,6 +139,9 @@ def test_plan_covers_every_node_once_and_cuts_cleanly(arch, how, exported):
     assert [s.first for s in plan[1:]] == [s.stop for s in plan[:-1]]
     assert plan[0].first == 0 and plan[-1].stop == len(graph.nodes)
     assert sorted(m for s in plan for m in s.marks) == sorted(set(marks))
+    if arch == "compact":  # its input skip (the upscaled input, added at the end) is
+        # recomputed where it is read: it does not keep the whole body in one segment.
+        assert max(s.marked_bytes for s in plan) <= 2 * max(sizes.values())
     graph_inputs = {name for name, _, _ in graph.inputs}
     aligned = set(marks)
     for segment in plan[1:]:
@@ -138,3 +149,88 @@ def test_plan_covers_every_node_once_and_cuts_cleanly(arch, how, exported):
             dtype = graph.dtypes.get(name)
             assert (name in aligned or name in graph_inputs
                     or (dtype is not None and not np.issubdtype(dtype, np.floating))), name
+
+
+# --------------------------------------------------------------------------- large inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPACT = [str(ROOT / "samples" / "compact_x4.pth"),
+           "--onnx", str(ROOT / "samples" / "compact_x4.onnx")]
+
+
+def run_cli(args: list[str], tmp_path) -> tuple[int, str, int, float]:
+    """`layerdiff report` in its own process: exit code, stderr, peak RSS, seconds. The
+    peak is the child's own (os.wait4), not this test process's high-water mark."""
+    cmd = [sys.executable, "-m", "layerdiff.cli", "report", *args, "-o",
+           str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json"), "-q"]
+    start = time.perf_counter()
+    with open(tmp_path / "stderr", "w+") as err:
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        err.seek(0)
+        text = err.read()
+    seconds = time.perf_counter() - start
+    return os.waitstatus_to_exitcode(status), text, usage.ru_maxrss * 1024, seconds
+
+
+def test_forward_that_cannot_fit_is_refused_up_front(tmp_path):
+    code, err, _, seconds = run_cli([*COMPACT, "--input-shape", "1,3,2048,2048",
+                                     "--max-memory", "1500M"], tmp_path)
+    assert code == 2, err
+    assert re.search(r"error: the model's forward alone needs about [\d.]+ GiB at 2048x2048", err), err
+    # The hint names what would fit: a smaller input, and the budget this one needs.
+    assert re.search(r"hint: use (--input-shape 1,3,\d+,\d+ or smaller, or )?--max-memory [\d.]+G", err), err
+    # Importing torch and onnxruntime alone takes 6 to 15 s on this 2-core machine; a
+    # run at this size, minutes.
+    assert seconds < 60, "the refusal must come before any full-size work"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_large_input_stays_within_budget(tmp_path):
+    # 512 px: unbounded, Compact's activations alone (0.6 GB) would take it over.
+    budget = 1300 * 2**20
+    code, err, peak, _ = run_cli([*COMPACT, "--input-shape", "1,3,512,512", "--max-memory",
+                                  "1300M", "--check-sizes", "none", "--reference", "none"],
+                                 tmp_path)
+    assert code == 0, err
+    facts = json.loads((tmp_path / "r.json").read_text())["facts"]
+    assert facts["spilled_bytes"] > 0 and facts["segments"] > 3, "the budget must be tight"
+    assert facts["forward_memory"] > 0
+    assert peak <= budget, f"peak {peak / 2**30:.2f} GiB over the 1300 MiB budget"
+    assert not facts["over_memory"]
+
+
+def test_footprint_scales_exactly_for_a_conv_net():
+    import torch
+
+    from layerdiff import footprint
+
+    model = make_model("compact")
+    found = footprint.estimate(model, (1, 3, 512, 384))
+    measured, largest = footprint._peak_tensor_bytes(model, torch.rand(1, 3, 256, 192))
+    assert found.tensors(256, 192) == pytest.approx(measured, rel=0.01)
+    assert found.largest_per_pixel * 256 * 192 == pytest.approx(largest, rel=0.01)
+    fit = found.largest_fitting(found.forward(512, 384), 512, 384)
+    assert fit is not None and fit[0] <= 512 and fit[1] <= 384 and fit[0] >= 512 - 16
+    # Nothing to estimate: an input that is not an image, or already small.
+    assert footprint.estimate(torch.nn.Linear(16, 4), (1, 16)) is None
+    assert footprint.estimate(model, (1, 3, 96, 96)) is None
+
+
+def test_chunked_difference_helpers_match_whole_array_arithmetic():
+    from layerdiff import run_case
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((1, 3, 600, 530)).astype(np.float32)
+    b = a + rng.standard_normal(a.shape).astype(np.float32) * 1e-3
+    naive = np.abs(a.astype(np.float32) - b)[0].max(axis=0)
+    sy, sx = -(-600 // pipeline.PREVIEW_SIDE), -(-530 // pipeline.PREVIEW_SIDE)
+    padded = np.zeros((-(-600 // sy) * sy, -(-530 // sx) * sx), np.float32)
+    padded[:600, :530] = naive
+    expected = padded.reshape(padded.shape[0] // sy, sy, -1, sx).max(axis=(1, 3))
+    np.testing.assert_array_equal(pipeline._diff_map(a, b), expected)
+    b64 = b.astype(np.float64)
+    b64[0, 0, 0, :3] = [np.nan, np.inf, 5.0]
+    assert run_case._max_diff(a, b64) == float(np.nanmax(np.abs(a.astype(np.float64) - b64)))
+    assert run_case._largest_diff(a, b) == float(np.max(np.abs(a.astype(np.float64) - b)))
+    assert np.isnan(run_case._largest_diff(a, b64))

@@ -180,6 +180,11 @@ def _to_numpy(tensor: torch.Tensor, copy: bool = True) -> np.ndarray:
     return values.copy() if copy else values
 
 
+def _is_view_of_more(tensor: torch.Tensor) -> bool:
+    return (not tensor.is_contiguous()
+            or tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size())
+
+
 @contextlib.contextmanager
 def _hooks(model: torch.nn.Module, recorder: _Recorder) -> Iterator[None]:
     handles = []
@@ -252,7 +257,10 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
                for name, p in model.named_parameters(recurse=False)}
         if own:
             recorder.parameters[-1] = own
-    outputs = [_to_numpy(t) for t in _tensors(result)]
+    # The outputs are the model's own: no one changes them after, so a copy is needed
+    # only to let go of a larger tensor they are a view of (a full-size output is GBs).
+    outputs = [_to_numpy(t, copy=_is_view_of_more(t)) for t in _tensors(result)]
+    del result
     if not outputs:
         raise LayerdiffError(
             "the PyTorch model returned no tensor", hint="layerdiff compares tensor outputs"

@@ -51,8 +51,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
 
     acc = _Sums()
     flat_ref, flat_cand = ref.reshape(-1), cand.reshape(-1)
+    done = _compared_pages(reference)
     for lo in range(0, flat_ref.size, CHUNK):
         acc.add(flat_ref[lo:lo + CHUNK], flat_cand[lo:lo + CHUNK], rtol=rtol, atol=atol)
+        done(lo + CHUNK)
     max_abs, mean_abs, scale, max_rel, outlier_share, cosine = acc.figures()
     ref_nan, cand_nan, ref_inf, cand_inf = acc.nan_ref, acc.nan_cand, acc.inf_ref, acc.inf_cand
 
@@ -81,6 +83,31 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
         passed=not reason,
         reason=reason,
     )
+
+
+def _compared_pages(array: np.ndarray):
+    """For an array mapped from a file (an activation the store read back from disk), a
+    function that drops from this process the pages before element ``upto``, once
+    compared: a full-size reference then costs a few MB while it is compared, not its
+    whole size next to onnxruntime's value. Other arrays: a function doing nothing."""
+    import mmap
+
+    mapped = getattr(array, "_mmap", None)
+    if (not isinstance(array, np.memmap) or mapped is None or not array.flags.c_contiguous
+            or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED")):
+        return lambda upto: None
+    start = array.offset % mmap.ALLOCATIONGRANULARITY  # where the data begins in the map
+    dropped = [0]
+
+    def drop(upto: int) -> None:
+        end = (start + upto * array.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end - dropped[0] >= 16 * 2**20 or upto >= array.size:
+            end = min(end, len(mapped) // mmap.PAGESIZE * mmap.PAGESIZE)
+            if end > dropped[0]:
+                mapped.madvise(mmap.MADV_DONTNEED, dropped[0], end - dropped[0])
+                dropped[0] = end
+
+    return drop
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,6 +9,7 @@ first divergence, re-check without ORT optimisation, apply the rules.
 
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import replace
 from pathlib import Path
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
-from . import files, options, preflight, store as memory
+from . import files, footprint as forward_memory, options, preflight, store as memory
 from .align import align
+from .compare import CHUNK
 from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
 from .loading import from_module, load_model
@@ -32,12 +34,14 @@ from .run_case import CaseRun as _Case, CaseRunner
 
 Progress = Callable[[str], None]
 
-# Of the memory a diagnosis may use beyond what the process holds when it starts:
-STORE_SHARE = 0.35  # PyTorch activations kept in RAM (the rest go to disk)
+# Of the memory a diagnosis may use beyond what the process holds when it starts and
+# what the model's forward needs (when estimated, footprint.py):
+STORE_SHARE = 0.35  # PyTorch activations and outputs kept in RAM (the rest go to disk)
 # The aligned tensors of one ONNX segment. A failing segment's second look holds up to
 # three times that: ONNX's values, PyTorch's for the local run, and its outputs.
 SEGMENT_SHARE = 0.1
-# The rest is for the forwards themselves and the comparison's temporaries.
+# The rest is for the forwards themselves (all of them, when the forward's need is
+# unknown), the outputs read back and the comparison's temporaries.
 
 
 def diagnose(
@@ -82,9 +86,11 @@ def diagnose(
     LayerdiffError for input the user must fix. With ``reproducer_for`` (the report's
     path) and a numeric first divergence, the minimal reproducer (reproducer.py) is
     written next to it and named in the notes. ``max_memory`` (bytes; default
-    store.default_max_memory()) bounds what the process holds: activations beyond it
-    go to a temporary folder on disk and ONNX runs in segments. When the peak still
-    exceeds it (the model's own forward needs more), a note says so.
+    store.default_max_memory()) bounds what the process holds: activations and outputs
+    beyond it go to a temporary folder on disk and ONNX runs in segments. A UsageError
+    says so before anything runs at full size when the model's forward alone, estimated
+    from two small runs (footprint.py), cannot fit it; when the peak still exceeds it,
+    a note does.
     """
     options.check(rtol=rtol, atol=atol, seed=seed, samples=samples, opset=opset,
                   max_memory=max_memory)
@@ -111,6 +117,11 @@ def diagnose(
     loaded = _load(model, trust_pickle)
     files.check_outputs(planned(_stem(loaded)), given)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
+    limit = max_memory or memory.default_max_memory()
+    if limit <= 0:
+        raise UsageError("--max-memory must be positive", hint="e.g. --max-memory 6G")
+    # Before anything runs at full size (export included): refuse what cannot fit.
+    footprint = _forward_fits(loaded, shape, check_sizes, limit, say)
     main_input = cases_.random_input(shape, seed)
 
     out = files.export_path(output_dir, _stem(loaded))
@@ -136,17 +147,23 @@ def diagnose(
                         provider=provider, ort_level=ort_level,
                         ort_config=tuple((ort_config or {}).items()), reference=reference,
                         samples=samples, fp16=fp16, inputs=tuple(str(i) for i in inputs),
-                        check_sizes=tuple(sizes),
-                        max_memory=max_memory or memory.default_max_memory())
+                        check_sizes=tuple(sizes), max_memory=limit)
     held, peak_before = memory.current_rss(), memory.peak_rss()
-    store_bytes, segment_bytes = budgets(settings.max_memory, held)
+    largest = max([tuple(shape[-2:]), *sizes], key=lambda s: s[0] * s[1])
+    # Shared out against the high end of the estimate; refused (above) only on the low.
+    forward = (footprint.forward(*largest, forward_memory.RSS_FACTOR_HIGH)
+               if footprint is not None else 0)
+    store_bytes, segment_bytes = budgets(limit, held, forward)
+    budget = forward_memory.Budget(limit, store_bytes, segment_bytes, footprint)
     with memory.Spill(store_bytes) as spill:
-        runner = CaseRunner(loaded, graph, settings, say, spill, segment_bytes)
+        runner = CaseRunner(loaded, graph, settings, say, spill, budget)
         diagnosis = _run_cases(runner, loaded, source, graph, settings, notes, main_input, out,
                                fp32_path, fix_fp16, export_size, reproducer_for)
         spilled = spill.written_bytes
     facts = _memory_facts(diagnosis.facts, settings.max_memory, held, peak_before, spilled)
-    notes = list(diagnosis.notes)
+    facts = replace(facts, forward_memory=forward or None,
+                    skipped_for_memory=tuple(runner.skipped))
+    notes = list(diagnosis.notes) + list(runner.skipped.values())
     size = memory.human_bytes
     if facts.spilled_bytes:
         notes.append(f"{size(facts.spilled_bytes)} of PyTorch activations went to a temporary "
@@ -159,11 +176,45 @@ def diagnose(
     return replace(diagnosis, facts=facts, notes=tuple(notes))
 
 
-def budgets(limit: int, held: int) -> tuple[int, int]:
+def budgets(limit: int, held: int, forward: int = 0) -> tuple[int, int]:
     """Bytes of PyTorch activations kept in RAM, and of aligned tensors per ONNX segment,
-    for a diagnosis that may use ``limit`` bytes in a process holding ``held`` now."""
-    headroom = max(limit - held, 64 * 2**20)
+    for a diagnosis that may use ``limit`` bytes in a process holding ``held`` now,
+    whose model's forward needs ``forward`` (0: unknown)."""
+    headroom = max(limit - held - forward, 64 * 2**20)
     return int(STORE_SHARE * headroom), int(SEGMENT_SHARE * headroom)
+
+
+LOADING = 256 * 2**20  # see _forward_fits
+
+
+def _forward_fits(loaded: LoadedModel, shape: tuple[int, ...], check_sizes, limit: int,
+                  say: Progress) -> forward_memory.Footprint | None:
+    """The forward's estimated footprint (None when unknown); a UsageError when the
+    forward alone, at the largest input size known now, cannot fit ``limit``."""
+    say("estimating the memory of the model's forward")
+    footprint = forward_memory.estimate(loaded.module, shape)
+    if footprint is None:
+        return None
+    sizes = [tuple(shape[-2:]), *(tuple(s) for s in check_sizes or ())]
+    height, width = max(sizes, key=lambda s: s[0] * s[1])
+    held, need = memory.current_rss(), footprint.forward(height, width)
+    if held + need <= limit:
+        return footprint
+    size = memory.human_bytes
+    # What is offered instead must fit: on the high end of the estimate, and with what
+    # the process comes to hold after this check (graph, sessions, allocator: 0.15 to
+    # 0.25 GiB more by the ONNX pass, measured on Compact and ESRGAN).
+    later = held + LOADING
+    fit = footprint.largest_fitting(limit - later, *shape[-2:])
+    enough = later + footprint.forward(height, width, forward_memory.RSS_FACTOR_HIGH)
+    larger = f"--max-memory {math.ceil(enough / 2**30 * 10) / 10:g}G or more"
+    raise UsageError(
+        f"the model's forward alone needs about {size(need)} at {height}x{width} (estimated "
+        f"from two small runs), {size(held + need)} with what layerdiff holds: more than "
+        f"--max-memory {size(limit)}",
+        hint=(f"use --input-shape {shape[0]},{shape[1]},{fit[0]},{fit[1]} or smaller, or "
+              f"{larger}" if fit else f"use {larger}"),
+    )
 
 
 def _memory_facts(facts: Facts, limit: int, held: int, peak_before: int, spilled: int) -> Facts:
@@ -407,24 +458,35 @@ def _previews(case: _Case) -> dict[str, np.ndarray]:
 
 
 def _diff_map(torch_value: np.ndarray, onnx_value: np.ndarray) -> np.ndarray | None:
-    """First batch item, max over channels (N,C,H,W), block max down to ~PREVIEW_SIDE."""
+    """First batch item, max over channels (N,C,H,W), block max down to ~PREVIEW_SIDE.
+    Computed a band of rows at a time: an output at 4096 px is GBs, its map is not."""
     if torch_value.shape != onnx_value.shape or not torch_value.size:
         return None
-    diff = np.abs(torch_value.astype(np.float32) - onnx_value.astype(np.float32))
-    if diff.ndim == 4:
-        diff = diff[0].max(axis=0)
-    elif diff.ndim == 3:
-        diff = diff[0]
-    elif diff.ndim > 4:
-        diff = diff[0].reshape(-1, *diff.shape[-2:]).max(axis=0)
-    diff = np.atleast_2d(diff)
-    h, w = diff.shape
+    a, b = (_as_maps(v) for v in (torch_value, onnx_value))  # views: (maps, H, W)
+    _, h, w = a.shape
     sy, sx = -(-h // PREVIEW_SIDE), -(-w // PREVIEW_SIDE)
-    if sy > 1 or sx > 1:
-        padded = np.zeros((-(-h // sy) * sy, -(-w // sx) * sx), dtype=diff.dtype)
-        padded[:h, :w] = diff
-        diff = padded.reshape(padded.shape[0] // sy, sy, padded.shape[1] // sx, sx).max(axis=(1, 3))
-    return np.ascontiguousarray(diff)
+    rows = sy * max(1, CHUNK // (sy * a.shape[0] * w))  # a multiple of sy
+    bands = []
+    for lo in range(0, h, rows):
+        band = np.abs(a[:, lo:lo + rows].astype(np.float32)
+                      - b[:, lo:lo + rows].astype(np.float32)).max(axis=0)
+        if sy > 1 or sx > 1:
+            height = band.shape[0]
+            padded = np.zeros((-(-height // sy) * sy, -(-w // sx) * sx), dtype=band.dtype)
+            padded[:height, :w] = band
+            band = padded.reshape(padded.shape[0] // sy, sy, padded.shape[1] // sx, sx).max(axis=(1, 3))
+        bands.append(band)
+    return np.ascontiguousarray(np.concatenate(bands))
+
+
+def _as_maps(value: np.ndarray) -> np.ndarray:
+    """The 2-D maps a preview takes the max over, as (maps, H, W): the first batch
+    item's channels for N,C,H,W (and beyond), the first item for N,H,W."""
+    if value.ndim >= 4:
+        return value[0].reshape(-1, *value.shape[-2:])
+    if value.ndim == 3:
+        return value[:1]
+    return np.atleast_2d(value)[None]
 
 
 def _write_reproducer(graph: capture_onnx.OnnxGraph, case: _Case, report: str | Path):

@@ -287,6 +287,10 @@ class Facts:
     over_memory: bool = False
     spilled_bytes: int = 0
     segments: int = 1
+    # The float32 forward's estimated need at the largest input (None when unknown), and
+    # the checks skipped because they would not fit Settings.max_memory.
+    forward_memory: int | None = None
+    skipped_for_memory: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -315,6 +315,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "over_memory": bool(f.over_memory),
         "spilled_bytes": int(f.spilled_bytes),
         "segments": int(f.segments),
+        "forward_memory": f.forward_memory,
+        "skipped_for_memory": list(f.skipped_for_memory),
     }
 
     return {

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,14 +29,16 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, preflight, segments
+from . import footprint as forward_memory
 from .align import align, misfit, unpair
 from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
+from .footprint import Budget
 from .records import (
     Alignment, CaseResult, FirstDivergence, LayerResult, LoadedModel, Metrics, OutputResult,
     Referee, Settings, TorchCall, Unmatched,
 )
-from .store import Spill, TensorStore
+from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
 
 Progress = Callable[[str], None]
 
@@ -54,17 +56,21 @@ class CaseRun:
     outputs: list[OutputResult]
     first: FirstDivergence | None
     failure: capture_onnx.RuntimeFailure | None
-    final_outputs: list[np.ndarray] | None
-    torch_outputs: list[np.ndarray]
+    final_outputs: Sequence[np.ndarray] | None  # StoredLists: read one at a time
+    torch_outputs: Sequence[np.ndarray]
     input_mutated: bool
     training_modules: tuple[str, ...]
     notes: list[str]
-    # ONNX value (whole-graph run) of this input's first diverging tensor, for previews.
-    first_onnx: np.ndarray | None = None
+    # ONNX value of this input's first diverging tensor, for previews (in the store).
+    kept: Mapping[str, np.ndarray] = field(default_factory=dict)
     plan: list[segments.Segment] = field(default_factory=list)
     noise: dict[int, float] = field(default_factory=dict)  # call -> fp32 noise floor
     output_noise: list[float] = field(default_factory=list)
     random_ops: tuple[tuple[str, str], ...] = ()  # capture_torch.TorchCapture.random_ops
+
+    @property
+    def first_onnx(self) -> np.ndarray | None:
+        return self.kept.get("first")
 
     def summary(self) -> CaseResult:
         verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
@@ -88,18 +94,22 @@ class _SecondPass:
     local: dict[int, Metrics] = field(default_factory=dict)
     referees: dict[int, Referee] = field(default_factory=dict)
     # ONNX values of the two candidates for first divergence: the first failing layer
-    # and the first whose own segment fails (see divergence.first_divergence).
-    kept: dict[str, tuple[int, str, np.ndarray]] = field(default_factory=dict)  # role -> (order, tensor, value)
+    # and the first whose own segment fails (see divergence.first_divergence), in the
+    # store by role; here, by role, the order and tensor name of each.
+    kept: dict[str, tuple[int, str]] = field(default_factory=dict)
+    values: TensorStore | None = None
 
 
 class CaseRunner:
     """Runs inputs through both models; holds what every input shares."""
 
     def __init__(self, loaded: LoadedModel, graph: capture_onnx.OnnxGraph, settings: Settings,
-                 say: Progress, spill: Spill, segment_budget: int) -> None:
+                 say: Progress, spill: Spill, budget: Budget) -> None:
         self.loaded, self.graph, self.settings, self.say = loaded, graph, settings, say
-        self.spill, self.segment_budget = spill, segment_budget
+        self.spill, self.budget = spill, budget
         self._model64: Any = None
+        # Checks left out because they would not fit --max-memory: check -> why.
+        self.skipped: dict[str, str] = {}
 
     def run(self, case: cases_.Case, number: int) -> CaseRun:
         s, graph = self.settings, self.graph
@@ -110,12 +120,17 @@ class CaseRunner:
         alignment = align(captured.calls, captured.parameters, graph)
         captured.parameters.clear()
         plan = segments.plan(graph, [p.onnx_tensor for p in alignment.pairs],
-                             _sizes(alignment, captured.calls, graph), self.segment_budget)
+                             _sizes(alignment, captured.calls, graph), self.budget.segment)
         runner = self._runner(plan, s.ort_level)
+        # Full-size outputs (GBs for an SR model at 4096 px) go into the store, within
+        # its budget like the activations, instead of being held by every case.
+        held = TensorStore(self.spill, ("outputs", number))
+        captured.outputs = StoredList(held, "torch", captured.outputs)
         first = self._first_pass(runner, feeds, alignment, captured)
         kept = {k: p for k, p in enumerate(alignment.pairs) if k not in first.dropped}
         final_outputs = (None if first.failure is not None
-                         else [first.outputs[name] for name in graph.outputs])
+                         else StoredList(held, "onnx", (first.outputs[n] for n in graph.outputs)))
+        first.outputs.clear()
         outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
                                        rtol=s.rtol, atol=s.atol)
         failing = {k for k, m in first.metrics.items() if not m.passed}
@@ -131,7 +146,8 @@ class CaseRunner:
                                                rtol=s.rtol, atol=s.atol, noise=output_noise)
             if failing and first.resume is not None:
                 second = self._second_pass(runner, feeds, kept, failing, captured, noise,
-                                           residuals, first.resume)
+                                           residuals, first.resume,
+                                           TensorStore(self.spill, ("kept", number)))
             if residuals is not None:
                 residuals.clear()
         metrics = {**first.metrics, **second.metrics}
@@ -147,12 +163,18 @@ class CaseRunner:
                          final_outputs, captured.outputs, captured.input_mutated,
                          captured.training_modules, notes, plan=plan, noise=noise,
                          output_noise=output_noise, random_ops=captured.random_ops)
+        first_onnx = None
         if divergence is not None:
             layer = next((l for l in layers if l.status == "fail"
                           and l.module == divergence.module), None)
             if layer is not None:
-                result.first_onnx = next((v for _, t, v in second.kept.values()
-                                          if t == layer.onnx_tensor), None)
+                first_onnx = next((second.values[role] for role, (_, t) in second.kept.items()
+                                   if t == layer.onnx_tensor), None)
+        if second.values is not None:
+            second.values.clear()
+        if first_onnx is not None:
+            result.kept = TensorStore(self.spill, ("first", number))
+            result.kept.keep("first", first_onnx)
         return result
 
     # ----------------------------------------------------------------------- passes
@@ -180,6 +202,7 @@ class CaseRunner:
                                                 rtol=s.rtol, atol=s.atol)
                     if not result.metrics[k].passed and result.resume is None:
                         result.resume = (index, known)
+            value = None  # not held while the next segment runs
             result.outputs.update(_graph_outputs(run, self.graph))
             result.failure = run.failure
         return result
@@ -188,11 +211,11 @@ class CaseRunner:
                      kept: dict[int, Any], failing: set[int],
                      captured: capture_torch.TorchCapture, noise: dict[int, float],
                      residuals: TensorStore | None,
-                     resume: tuple[int, dict[str, np.ndarray]]) -> _SecondPass:
+                     resume: tuple[int, dict[str, np.ndarray]], values: TensorStore) -> _SecondPass:
         """The failing layers again: against their noise floor, with the referee's view
         and their local error. Resumes at the first segment holding one."""
         s = self.settings
-        result = _SecondPass()
+        result = _SecondPass(values=values)
         tensor_call = {p.onnx_tensor: p.call for p in reversed(list(kept.values()))}
         by_tensor: dict[str, list[int]] = defaultdict(list)
         for k, pair in kept.items():
@@ -246,7 +269,8 @@ class CaseRunner:
             for role, wanted in (("total", True), ("local", local is not None and not local.passed)):
                 held = result.kept.get(role)
                 if wanted and (held is None or pair.order < held[0]):
-                    result.kept[role] = (pair.order, pair.onnx_tensor, values[pair.onnx_tensor])
+                    result.kept[role] = (pair.order, pair.onnx_tensor)
+                    result.values[role] = values[pair.onnx_tensor]
 
     def _referee(self, case: cases_.Case, captured: capture_torch.TorchCapture,
                  wanted: set[int], notes: list[str], number: int):
@@ -256,6 +280,10 @@ class CaseRunner:
             return {}, None, []
         if captured.random_ops:  # a second forward draws other numbers: no noise floor
             notes.append("float64 referee skipped: the model draws random numbers in forward")
+            return {}, None, []
+        # Every float64 tensor is twice its float32 one, so the forward needs twice.
+        if self._wont_fit("the float64 referee", "failing layers are judged at the fixed "
+                          "tolerance, with no noise floor", 2, tuple(case.tensor.shape[-2:])):
             return {}, None, []
         residuals = TensorStore(self.spill, ("float64", number))
         noise: dict[int, float] = {}
@@ -319,14 +347,40 @@ class CaseRunner:
                                                provider=s.provider, config=s.ort_config)
 
     def instrumentation_delta(self, case: CaseRun) -> float | None:
-        """How much exposing intermediates changed the final output (fusions it prevented)."""
+        """How much exposing intermediates changed the final output (fusions it prevented).
+        None when not measured: no output, or the unmodified whole-graph run, which
+        cannot be cut into segments, would not fit --max-memory."""
         if case.final_outputs is None:
+            return None
+        # onnxruntime's whole-graph peak is taken to be the larger forward's (footprint.py):
+        # both hold the activations live at the widest point of the same graph.
+        if self._wont_fit("the unmodified onnxruntime run", "whether exposing intermediate "
+                          "tensors changes the output was not checked", 1,
+                          tuple(case.tensor.shape[-2:])):
             return None
         s = self.settings
         plain = capture_onnx.run_plain(self.graph, case.feeds, level=s.ort_level,
                                        provider=s.provider, config=s.ort_config)
-        return max((float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+        return max((_largest_diff(a, b) if a.size else 0.0
                     for a, b in zip(plain, case.final_outputs)), default=0.0)
+
+    def _wont_fit(self, check: str, consequence: str, times: int, size: tuple[int, int]) -> bool:
+        """Whether ``check``, a forward needing ``times`` the float32 forward's memory at
+        ``size`` (PyTorch's when more than once), must be skipped; never when the need is
+        unknown. If so, ``skipped`` says why and what is lost."""
+        footprint = self.budget.footprint
+        if footprint is None:
+            return False
+        high = forward_memory.RSS_FACTOR_HIGH  # skipping an optional check costs little
+        one = footprint.torch_forward(*size, high) if times > 1 else footprint.forward(*size, high)
+        need, room = times * one, self.budget.limit - current_rss()
+        if need <= room:
+            return False
+        self.skipped[check] = (
+            f"Skipped {check} to stay within --max-memory {human_bytes(self.budget.limit)}: "
+            f"it needs about {human_bytes(need)} and {human_bytes(max(room, 0))} was left; "
+            f"{consequence}.")
+        return True
 
 
 # --------------------------------------------------------------------------- helpers
@@ -400,10 +454,35 @@ def _finite_max(values: np.ndarray) -> float:
 
 
 def _max_diff(fp32: np.ndarray, fp64: np.ndarray | None) -> float:
+    """max |fp32 - fp64| over the non-NaN differences (0 when none is finite), in
+    float64 chunks: no full-size temporaries."""
     if fp64 is None or fp64.shape != fp32.shape or not fp32.size:
         return 0.0
-    diff = np.abs(fp32.astype(np.float64) - fp64)
-    return float(np.nanmax(diff)) if np.isfinite(diff).any() else 0.0
+    worst, finite = 0.0, False
+    for a, b in _chunks(fp32, fp64):
+        diff = np.abs(a.astype(np.float64) - b)
+        finite = finite or bool(np.isfinite(diff).any())
+        diff = diff[~np.isnan(diff)]
+        if diff.size:
+            worst = max(worst, float(diff.max()))
+    return worst if finite else 0.0
+
+
+def _largest_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| in float64 (NaN when any difference is), in chunks."""
+    worst = 0.0
+    for x, y in _chunks(a, b):
+        top = float(np.max(np.abs(x.astype(np.float64) - y)))
+        if top != top:
+            return top
+        worst = max(worst, top)
+    return worst
+
+
+def _chunks(a: np.ndarray, b: np.ndarray):
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    for lo in range(0, flat_a.size, CHUNK):
+        yield flat_a[lo:lo + CHUNK], flat_b[lo:lo + CHUNK]
 
 
 def feeds_for(graph: capture_onnx.OnnxGraph, example: torch.Tensor,
@@ -412,7 +491,7 @@ def feeds_for(graph: capture_onnx.OnnxGraph, example: torch.Tensor,
     if not graph.inputs:
         raise UsageError("the ONNX model has no inputs", hint="re-export it with an input")
     name, dtype, _ = graph.inputs[0]
-    feeds = {name: example.numpy().astype(dtype)}
+    feeds = {name: example.numpy().astype(dtype, copy=False)}  # ORT only reads it
     extra = graph.inputs[1:]
     if not extra:
         return feeds

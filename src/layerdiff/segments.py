@@ -12,8 +12,13 @@ Cuts are made only where every value that crosses is exposed anyway (an aligned
 tensor), a graph input, a constant or an integer (shape arithmetic). Such a "clean" cut
 changes nothing onnxruntime may fuse, since the whole-graph run exposes those values
 too, and lets a layer's local run (its consumers fed PyTorch's values) start from a
-segment's inputs alone. A stretch with no clean cut stays one segment, even above the
-budget; the caller measures and reports what memory was really used.
+segment's inputs alone. A value computed from the graph inputs in a few cheap nodes (an
+SR model's upscaled input, added back at the end) does not block a cut either: the
+segment that reads it computes it again from the inputs, as a value computed from
+constants alone is recomputed where it is read. Without that, a model whose input skip
+spans the whole body (Real-ESRGAN Compact) ran as one segment holding every exposed
+tensor. A stretch with no clean cut stays one segment, even above the budget; the caller
+measures and reports what memory was really used.
 """
 
 from __future__ import annotations
@@ -34,11 +39,15 @@ class Segment:
     stop: int
     inputs: tuple[str, ...]  # values from earlier segments or graph inputs
     # Earlier nodes that compute, from constants alone, values this segment reads: run
-    # again here so onnxruntime folds them into constants as in the whole graph.
+    # again here so onnxruntime folds them into constants as in the whole graph; and
+    # those computing, in a few cheap nodes from the graph inputs, values read here.
     prelude: tuple[int, ...]
     marks: tuple[str, ...]  # exposed tensors computed here
     carry: tuple[str, ...]  # values computed here that later segments or outputs need
     marked_bytes: int  # the exposed tensors' size, as far as known
+    # Nodes in [first, stop) not run here: they compute only values recomputed by the
+    # later segments that read them (so they are neither carried nor computed twice).
+    skipped: tuple[int, ...] = ()
 
 
 @dataclass
@@ -57,14 +66,17 @@ def plan(graph: OnnxGraph, marks: list[str], sizes: Mapping[str, int],
     last_use = _last_use(graph)
     static = _constant_derived(graph)
     if count < 2 or _has_subgraphs(graph.model) or sum(sizes.get(m, 0) for m in marked) <= budget:
-        return [_segment(graph, 0, count, marked, last_use, sizes, static)]
+        return [_segment(graph, 0, count, marked, last_use, sizes, static, set())]
 
-    free = {t for t in last_use if t in static or _is_free(graph, t, marked)}
+    cheap = _input_derived(graph, marked, static)
+    free = {t for t in last_use if t in static or t in cheap or _is_free(graph, t, marked)}
     cuts: list[int] = []
     start, used, crossing = 0, 0, 0  # crossing: non-free values live after node i
     clean_at: int | None = None  # the latest clean cut since ``start``
     ending: dict[int, int] = {}  # node index -> non-free values it reads last
-    for i, node in enumerate(nodes[:-1]):
+    # The last node is looked at too: a cut before it can take it out of a segment that
+    # exposes a large tensor (an SR model's final residual add, three outputs' worth).
+    for i, node in enumerate(nodes):
         crossing -= ending.pop(i, 0)
         for out in node.outputs:
             if last_use.get(out, -1) > i and out not in free:
@@ -77,13 +89,15 @@ def plan(graph: OnnxGraph, marks: list[str], sizes: Mapping[str, int],
         if used > budget:
             # Cut at the last clean point within budget; with none, this stretch overshoots.
             cut = clean_at if clean_at is not None else position
+            if cut >= count:
+                break
             cuts.append(cut)
             start = cut
             used = sum(sizes.get(o, 0) for n in nodes[start:position] for o in n.outputs
                        if o in marked)
         clean_at = position if position > start else None
     bounds = [0, *cuts, count]
-    return [_segment(graph, a, b, marked, last_use, sizes, static)
+    return [_segment(graph, a, b, marked, last_use, sizes, static, cheap)
             for a, b in zip(bounds, bounds[1:])]
 
 
@@ -108,6 +122,29 @@ def _constant_derived(graph: OnnxGraph) -> set[str]:
     return derived
 
 
+# A value is recomputed in the segments that read it when it takes at most this many
+# nodes from the graph inputs, none of them a heavy op: a resize or a normalisation of
+# the input costs little next to carrying a full-size tensor through every segment.
+RECOMPUTE_NODES = 4
+_HEAVY = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Attention", "LSTM", "GRU", "RNN"}
+
+
+def _input_derived(graph: OnnxGraph, marked: set[str], static: set[str]) -> set[str]:
+    """Unexposed values computed from the graph inputs (and constants) by at most
+    RECOMPUTE_NODES light nodes."""
+    graph_inputs = {i[0] for i in graph.inputs}
+    cost: dict[str, int] = {}  # value -> nodes that compute it (shared ones counted twice)
+    for node in graph.nodes:
+        sources = [i for i in node.inputs if i and i not in static]
+        if (not sources or node.op_type in _HEAVY or any(o in marked for o in node.outputs)
+                or any(i not in graph_inputs and i not in cost for i in sources)):
+            continue
+        nodes = 1 + sum(cost.get(i, 0) for i in sources)
+        if nodes <= RECOMPUTE_NODES:
+            cost.update((o, nodes) for o in node.outputs)
+    return {t for t in cost if t not in graph.outputs}
+
+
 def _is_free(graph: OnnxGraph, name: str, marked: set[str]) -> bool:
     """Values that may cross a cut: exposed anyway, inputs, constants, integers."""
     if (name in marked or name in graph.outputs or name in graph.constants
@@ -118,26 +155,41 @@ def _is_free(graph: OnnxGraph, name: str, marked: set[str]) -> bool:
 
 
 def _segment(graph: OnnxGraph, first: int, stop: int, marked: set[str],
-             last_use: dict[str, int], sizes: Mapping[str, int], static: set[str]) -> Segment:
+             last_use: dict[str, int], sizes: Mapping[str, int], static: set[str],
+             cheap: set[str]) -> Segment:
+    # Values recomputed where they are read: computed here only for readers in here.
+    recomputed = static | cheap
+    skipped = [n.index for n in graph.nodes[first:stop]
+               if n.outputs and all(o in cheap and not _read_in(graph, o, first, stop)
+                                    for o in n.outputs)]
     produced: set[str] = set()
     inputs: dict[str, None] = {}
     prelude: set[int] = set()
     graph_inputs = {i[0] for i in graph.inputs}
     for node in graph.nodes[first:stop]:
+        if node.index in skipped:
+            continue
         for name in node.inputs:
             if (not name or name in produced or name in inputs
                     or not _crosses_in(graph, name, first, graph_inputs)):
                 continue
-            if name in static:
-                prelude |= _ancestors(graph, name)
+            if name in recomputed:
+                ancestors = _ancestors(graph, name)
+                prelude |= ancestors
+                inputs.update((i, None) for a in ancestors for i in graph.nodes[a].inputs
+                              if i in graph_inputs)
             else:
                 inputs[name] = None
         produced.update(node.outputs)
     marks = tuple(t for n in graph.nodes[first:stop] for t in n.outputs if t in marked)
     carry = tuple(t for n in graph.nodes[first:stop] for t in n.outputs
-                  if last_use.get(t, -1) >= stop)
+                  if last_use.get(t, -1) >= stop and (t not in recomputed or t in graph.outputs))
     return Segment(first, stop, tuple(inputs), tuple(sorted(prelude)), marks, carry,
-                   sum(sizes.get(m, 0) for m in marks))
+                   sum(sizes.get(m, 0) for m in marks), tuple(skipped))
+
+
+def _read_in(graph: OnnxGraph, name: str, first: int, stop: int) -> bool:
+    return any(first <= c < stop for c in graph.consumers.get(name, ()))
 
 
 def _ancestors(graph: OnnxGraph, name: str) -> set[int]:
@@ -186,6 +238,8 @@ class Runner:
         segment = self.segments[index]
         marks = list(segment.marks)
         outputs = list(dict.fromkeys([*marks, *segment.carry]))
+        if not outputs:  # only constants, each recomputed where it is read
+            return SegmentRun({}, {}, None)
         session = _session(self._export(segment, outputs, feeds), self.level, self.provider,
                            self.config, arena=False)
         names = [o.name for o in session.get_outputs()]
@@ -241,7 +295,8 @@ class Runner:
                 tensor.shape = self._shape_for(tensor.name, feeds[tensor.name].shape)
         outs = [self._typed(name) for name in outputs]
         g = self._g
-        nodes = [self._nodes[i] for i in segment.prelude] + self._nodes[segment.first:segment.stop]
+        nodes = [self._nodes[i] for i in segment.prelude] + [
+            self._nodes[i] for i in range(segment.first, segment.stop) if i not in segment.skipped]
         return gs.Graph(nodes=nodes, inputs=inputs,
                         outputs=outs, name=g.name, opset=g.opset,
                         import_domains=g.import_domains, functions=g.functions,

@@ -3,9 +3,9 @@
 A full-size model's activations do not fit in memory (ESRGAN at 256x256: about 12 GB of
 module outputs). A ``Spill`` keeps a copy of each array in RAM while its budget allows;
 past it, arrays are written straight from the caller's buffer to a private temporary
-folder as .npy files (no copy in memory at all) and read back on demand, a fresh array
-each time, freed when the caller drops it. Several ``TensorStore`` views (one per input
-case) share one Spill, so one budget covers all of them.
+folder as .npy files (no copy in memory at all) and mapped back on demand, a fresh
+read-only memory map each time, freed when the caller drops it. Several ``TensorStore``
+views (one per input case) share one Spill, so one budget covers all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +35,14 @@ class Spill:
         self.disk_bytes = 0
         self.written_bytes = 0  # all that ever went to disk
 
-    def put(self, key: Hashable, value: np.ndarray) -> None:
-        """Keep ``value``'s current contents (the caller may change or free it after)."""
+    def put(self, key: Hashable, value: np.ndarray, *, own: bool = False) -> None:
+        """Keep ``value``'s current contents (the caller may change or free it after).
+        With ``own``, the caller hands the array over: kept as it is, not copied, when it
+        fits (a model's full-size output is not held twice)."""
         self.drop(key)
         if self.ram_bytes + value.nbytes <= self.budget:
-            self._ram[key] = np.array(value, order="C")
+            keep = own and value.flags.c_contiguous and value.flags.writeable
+            self._ram[key] = value if keep else np.array(value, order="C")
             self.ram_bytes += value.nbytes
         else:
             self._write(key, value)
@@ -52,7 +55,9 @@ class Spill:
         if entry is None:
             return None
         path, _, _ = entry
-        return np.load(path, allow_pickle=False)
+        # Mapped, not read: pages come in as they are used, and compare() drops those it
+        # is done with, so a tensor read back for a comparison is never whole in memory.
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def shape_of(self, key: Hashable) -> tuple | None:
         value = self._ram.get(key)
@@ -126,6 +131,12 @@ class TensorStore(Mapping):
     def shape_of(self, key: Hashable) -> tuple | None:
         return self.spill.shape_of((self.namespace, key))
 
+    def keep(self, key: Hashable, value: np.ndarray) -> None:
+        """Store an array the caller hands over (not copied while it fits in RAM)."""
+        if (self.namespace, key) not in self.spill:
+            self._keys.append(key)
+        self.spill.put((self.namespace, key), value, own=True)
+
     def __contains__(self, key: object) -> bool:
         return (self.namespace, key) in self.spill
 
@@ -140,6 +151,25 @@ class TensorStore(Mapping):
         for key in self._keys:
             self.spill.drop((self.namespace, key))
         self._keys.clear()
+
+
+class StoredList(Sequence):
+    """A list of arrays kept in a TensorStore (a model's outputs): each read on demand."""
+
+    def __init__(self, store: TensorStore, name: str, values: Iterable[np.ndarray]) -> None:
+        self._store, self._keys = store, []
+        for value in values:  # handed over: kept as they are while they fit in RAM
+            key = (name, len(self._keys))
+            store.keep(key, value)
+            self._keys.append(key)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._store[k] for k in self._keys[index]]
+        return self._store[self._keys[index]]
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def human_bytes(n: int | None) -> str:
