@@ -118,8 +118,6 @@ def diagnose(
     files.check_outputs(planned(_stem(loaded)), given)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     limit = max_memory or memory.default_max_memory()
-    if limit <= 0:
-        raise UsageError("--max-memory must be positive", hint="e.g. --max-memory 6G")
     # Before anything runs at full size (export included): refuse what cannot fit.
     footprint = _forward_fits(loaded, shape, check_sizes, limit, say)
     main_input = cases_.random_input(shape, seed)
