@@ -18,7 +18,8 @@ go into a temporary folder. Each run is the real command line in its own process
 ``python -m layerdiff.cli report MODEL.pth --onnx MODEL.onnx --input-shape 1,3,S,S
 --max-memory BUDGET --json OUT.json -q`` with the CLI's other defaults (so also the extra
 odd size, 0.75 x 1.25 of the main one). Its peak resident memory comes from the kernel's
-accounting of that child (``os.wait4``: ru_maxrss), its wall time from the clock. Outcome:
+accounting of that child (``os.wait4``: ru_maxrss, started by a bare launcher so that it
+does not inherit this script's high-water mark: peak.py), its wall time from the clock. Outcome:
 pass / diverged (exit 0 / 1, with the JSON's segments and what went to disk), refused
 (exit 2: the message), or the error. Prints a Markdown table.
 """
@@ -29,12 +30,11 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from peak import run_measured  # benchmarks/peak.py, next to this script
 
 DEFAULT_SIZES = (1024, 2048, 4096)
 # Per size: a budget the machine can give (24 GB, shared) that grows with the input.
@@ -78,25 +78,10 @@ def run(pth: Path, onnx_path: Path, size: int, budget: str, folder: Path, timeou
     cmd = [sys.executable, "-m", "layerdiff.cli", "report", str(pth), "--onnx", str(onnx_path),
            "--input-shape", f"1,3,{size},{size}", "--max-memory", budget,
            "-o", str(folder / f"{pth.stem}-{size}.html"), "--json", str(report), "-q"]
-    start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        deadline = start + timeout
-        while True:  # wait4 reaps the child and gives its own rusage (peak RSS)
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                child.kill()
-                _, status, usage = os.wait4(child.pid, 0)
-                break
-            time.sleep(0.2)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        code, peak, seconds, timed_out = run_measured(cmd, err, timeout)
         err.seek(0)
         stderr = err.read()
-    seconds = time.perf_counter() - start
-    peak = usage.ru_maxrss * 1024
-    code = child.returncode
     if code in (0, 1) and report.is_file():
         facts = json.loads(report.read_text())["facts"]
         outcome = (f"{'pass' if code == 0 else 'diverged'}: {facts['segments']} segments, "
@@ -106,7 +91,7 @@ def run(pth: Path, onnx_path: Path, size: int, budget: str, folder: Path, timeou
     elif code == 2:
         lines = [line for line in stderr.splitlines() if line.startswith(("error:", "hint:"))]
         outcome = "refused: " + " ".join(lines)
-    elif seconds > timeout:
+    elif timed_out:
         outcome = f"stopped after {timeout} s"
     else:
         outcome = f"exit {code}: " + ((stderr.strip().splitlines() or ["?"])[-1])[:160]

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 
 from layerdiff import pipeline, store
 from layerdiff.pipeline import diagnose
+from benchmarks.peak import run_measured
 from samples import faults
 
 from conftest import SHAPE, make_model, with_fault
@@ -160,17 +158,14 @@ COMPACT = [str(ROOT / "samples" / "compact_x4.pth"),
 
 def run_cli(args: list[str], tmp_path) -> tuple[int, str, int, float]:
     """`layerdiff report` in its own process: exit code, stderr, peak RSS, seconds. The
-    peak is the child's own (os.wait4), not this test process's high-water mark."""
+    peak is the child's own, not inherited from this test process (benchmarks/peak.py)."""
     cmd = [sys.executable, "-m", "layerdiff.cli", "report", *args, "-o",
            str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json"), "-q"]
-    start = time.perf_counter()
     with open(tmp_path / "stderr", "w+") as err:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
+        code, peak, seconds, _ = run_measured(cmd, err)
         err.seek(0)
         text = err.read()
-    seconds = time.perf_counter() - start
-    return os.waitstatus_to_exitcode(status), text, usage.ru_maxrss * 1024, seconds
+    return code, text, peak, seconds
 
 
 def test_forward_that_cannot_fit_is_refused_up_front(tmp_path):

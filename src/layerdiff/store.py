@@ -230,9 +230,18 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory so far, in bytes."""
+    """This process's peak resident memory so far, in bytes. Linux's VmHWM belongs to this
+    address space; ru_maxrss (the fallback elsewhere) also carries the high-water mark of
+    the process that started this one, across exec."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
