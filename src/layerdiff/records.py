@@ -7,6 +7,7 @@ Every stage takes and returns these; none reaches back into an earlier stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,40 @@ SCHEMA = "layerdiff/1"
 
 
 # --------------------------------------------------------------------------- load / export
+
+
+class InputKind(str, Enum):
+    """What an input holds, which decides how layerdiff fills it (inputs.py)."""
+
+    IMAGE = "image"  # float N,C,H,W in [0, 1)
+    MASK = "mask"  # an inpainting mask, N,1,H,W: 1 inside a few rectangles, 0 elsewhere
+    TOKENS = "tokens"  # integer ids in [low, high): a vocabulary
+    ATTENTION_MASK = "attention_mask"  # ones: every position attended
+    VALUE = "value"  # anything else: uniform in [low, high), [0, 1) for floats
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of the model: how forward takes it, which ONNX input it feeds, and what
+    values it is filled with. A loader may give partial specs (``shape`` with -1 where any
+    size goes); inputs.resolve() completes them from the ONNX graph, forward's signature and
+    the user's --input-shape / --input-range."""
+
+    name: str  # forward()'s parameter name ("x", "input_ids"); the ONNX name for a bare graph
+    dtype: str = "float32"  # numpy dtype name: float32, float16, int64, int32, bool
+    shape: tuple[int, ...] = ()
+    kind: InputKind = InputKind.IMAGE
+    low: float | None = None  # values drawn from [low, high); None: the kind's default
+    high: float | None = None
+    onnx_name: str | None = None  # the ONNX graph input fed with it
+    keyword: bool = False  # passed to forward() by keyword, not by position
+    # Axes whose size may change (exported dynamic, checked at other sizes): for an image
+    # the last two, for tokens the sequence axis.
+    dynamic_axes: tuple[int, ...] = ()
+
 
 
 @dataclass(frozen=True)
@@ -30,6 +65,9 @@ class LoadedModel:
     output_channels: int | None = None
     scale: int | None = None
     notes: tuple[str, ...] = ()
+    # What the loader knows of the inputs (spandrel's inpainting models take an image and
+    # a mask; face restoration models a fixed size): () when only the module can tell.
+    inputs: tuple[InputSpec, ...] = ()
 
 
 @dataclass(frozen=True)
