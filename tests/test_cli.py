@@ -33,7 +33,7 @@ def test_clean_sample_exits_0_and_writes_report_and_json(tmp_path, capsys):
     assert "PASS" in out and str(report) in out
     assert report.read_text().lstrip().lower().startswith("<!doctype html")
     data = json.loads((tmp_path / "d.json").read_text())
-    assert data["schema"] == "layerdiff/1" and data["verdict"] == "pass"
+    assert data["schema"] == "layerdiff/2" and data["verdict"] == "pass"
     assert data["tolerance"] == {"rtol": 1e-3, "atol": 1e-5}
     assert data["first_divergence"] is None
     assert data["layers"] and all(LAYER_KEYS <= set(layer) for layer in data["layers"])

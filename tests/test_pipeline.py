@@ -200,10 +200,8 @@ def test_extra_onnx_input_is_fed_from_the_forward_default(tmp_path):
     assert d.verdict == "pass", d.summary
 
 
-def test_extra_onnx_input_without_a_default_is_a_clear_error(tmp_path):
+def test_extra_onnx_input_without_a_default_is_drawn_like_any_input(tmp_path):
     import torch
-
-    from layerdiff import LayerdiffError
 
     class NoDefault(torch.nn.Module):
         def __init__(self):
@@ -213,9 +211,15 @@ def test_extra_onnx_input_without_a_default_is_a_clear_error(tmp_path):
         def forward(self, x, alpha):
             return self.conv(x) * alpha
 
-    path = _two_input_onnx(tmp_path, _WithStrength().eval())
-    with pytest.raises(LayerdiffError, match="input 'alpha'"):
-        diagnose(NoDefault().eval(), path, input_shape=(1, 3, 16, 16))
+    exported = _WithStrength().eval()
+    path = _two_input_onnx(tmp_path, exported)
+    model = NoDefault().eval()
+    model.load_state_dict(exported.state_dict())
+    d = diagnose(model, path, input_shape=(1, 3, 16, 16), check_sizes=())
+    # Paired by name and filled as a plain value in [0, 1), the same on both sides.
+    assert d.verdict == "pass", d.summary
+    alpha = d.settings.input_specs[1]
+    assert (alpha.name, alpha.onnx_name, alpha.kind, alpha.fill) == ("alpha", "alpha", "value", None)
 
 
 def test_torchscript_compares_outputs_and_says_so(tmp_path):
@@ -266,7 +270,7 @@ def test_several_inputs_keep_each_layers_worst_case(exported, tmp_path):
     np.save(array, np.random.default_rng(1).random((3, 24, 24)).astype("float32"))
     path, _ = with_fault(exported("compact", "legacy"), faults.pixel_shuffle_dcr, tmp_path)
     d = diagnose(make_model("compact"), path, input_shape=SHAPE, samples=2,
-                 inputs=[str(image), str(array)], check_sizes=())
+                 input_files=[str(image), str(array)], check_sizes=())
     assert [c.label for c in d.cases] == ["random (seed 0)", "random (seed 1)", "photo.png", "tensor.npy"]
     assert all(c.verdict == "diverged" for c in d.cases)
     upsampler = next(l for l in d.layers if l.module == "upsampler")

@@ -267,7 +267,7 @@ def test_nan_in_an_input_is_not_called_a_mutation(tmp_path):
     values[0, :, 3, 5] = np.nan
     npy = tmp_path / "nan.npy"
     np.save(npy, values)
-    d = diagnose(make_model("compact"), None, input_shape=(1, 3, 16, 16), inputs=[str(npy)],
+    d = diagnose(make_model("compact"), None, input_shape=(1, 3, 16, 16), input_files=[str(npy)],
                  check_sizes=(), reference="none", output_dir=tmp_path, exporter="legacy")
     assert not d.facts.input_mutated
     assert "input_mutation" not in [s.rule for s in d.suggestions]

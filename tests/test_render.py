@@ -23,6 +23,7 @@ from layerdiff.records import (
     CaseResult,
     Diagnosis,
     Facts,
+    InputSpec,
     FirstDivergence,
     LayerResult,
     LoadedModel,
@@ -45,7 +46,8 @@ VERSIONS = {
     "onnxruntime": "1.22.0",
     "python": "3.11.7",
 }
-SETTINGS = Settings(rtol=1e-3, atol=1e-5, input_shape=(1, 3, 64, 64), seed=0, ignore=("*.dropout",))
+SETTINGS = Settings(rtol=1e-3, atol=1e-5, input_specs=(InputSpec("x", shape=(1, 3, 64, 64)),),
+                    seed=0, ignore=("*.dropout",))
 
 
 def metrics(err: float, scale: float = 1.0, *, passed: bool = True, shape=(1, 64, 64, 64), **kw) -> Metrics:
@@ -407,7 +409,7 @@ def test_json_schema(any_diag: Diagnosis):
     j = render.to_json_dict(any_diag)
     text = json.dumps(j, allow_nan=False)  # raises on NaN / inf
     j = json.loads(text)
-    assert j["schema"] == "layerdiff/1"
+    assert j["schema"] == "layerdiff/2"
     for key in ("verdict", "summary", "tolerance", "outputs", "layers", "first_divergence",
                 "suggestions", "unmatched", "masked", "model", "onnx", "settings", "versions",
                 "notes", "error"):

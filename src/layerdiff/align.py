@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import networkx as nx
@@ -62,7 +62,7 @@ PASS_THROUGH = {"Identity", "Cast", "Dropout"}
 class _State:
     graph: OnnxGraph
     calls: list[TorchCall]
-    input_tensor: str
+    input_tensors: tuple[str | None, ...]  # the ONNX input of model input k (call -(k + 1))
     pairs: dict[int, Pair] = field(default_factory=dict)
     instance: dict[int, set[int]] = field(default_factory=dict)  # call -> its ONNX nodes
     # Calls whose instance is known to be the whole module (scope, weights, one-op
@@ -84,7 +84,7 @@ class _State:
         return self._upstream
 
     def real(self, call: int | None) -> int | None:
-        """Follow aliases to the call that produced the value (-1: the model input)."""
+        """Follow aliases to the call that produced the value (-(k + 1): model input k)."""
         seen = 0
         while call is not None and call >= 0 and self.calls[call].alias_of is not None:
             call = self.calls[call].alias_of
@@ -95,8 +95,9 @@ class _State:
 
     def tensor_of(self, call: int | None) -> str | None:
         call = self.real(call)
-        if call == -1:
-            return self.input_tensor
+        if call is not None and call < 0:
+            position = -call - 1
+            return self.input_tensors[position] if position < len(self.input_tensors) else None
         pair = self.pairs.get(call) if call is not None else None
         return pair.onnx_tensor if pair else None
 
@@ -124,9 +125,13 @@ class _State:
 
 
 def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
-          graph: OnnxGraph) -> Alignment:
-    input_tensor = graph.inputs[0][0] if graph.inputs else ""
-    state = _State(graph=graph, calls=calls, input_tensor=input_tensor)
+          graph: OnnxGraph, input_tensors: Sequence[str | None] | None = None) -> Alignment:
+    """Pair module calls with ONNX tensors. ``input_tensors`` names the ONNX input each
+    model input feeds, in the order capture_torch numbered them (default: the first
+    graph input for the only one)."""
+    if input_tensors is None:
+        input_tensors = (graph.inputs[0][0],) if graph.inputs else ()
+    state = _State(graph=graph, calls=calls, input_tensors=tuple(input_tensors))
     scopes = _resolve_scopes(graph, calls)
     has_scopes = bool(graph.nodes) and sum(s is not None for s in scopes.values()) > len(graph.nodes) / 2
 

@@ -9,9 +9,10 @@ Hooks are always removed, also when the forward raises.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from collections.abc import Callable, MutableMapping
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,17 +40,34 @@ class TorchCapture:
     # call -> its module's own parameters; key -1: the root model's own, which no hook sees
     # (a layer scale ``self.gamma`` used in the top-level forward, say).
     parameters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    # Their names, in the same order: "output" for a lone tensor, dict keys and dataclass
+    # fields ("logits", "last_hidden_state"), positions in tuples ("0"), dotted when nested.
+    output_names: list[str] = field(default_factory=list)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
-    """Flatten a module output (tensor, tuple, list, dict) into its tensors, in order."""
+    """Flatten a module output (tensor, tuple, list, dict, dataclass) into its tensors, in order."""
+    return [tensor for _, tensor in named_tensors(value)]
+
+
+def named_tensors(value: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """The tensors in ``value`` with their paths: dict keys and dataclass fields (a Hugging
+    Face ModelOutput is both: its fields that are set), tuple positions, dotted when
+    nested. A lone tensor is named "output"."""
     if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+        return [(prefix or "output", value)]
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        return []
+    found = []
+    for key, item in items:
+        found += named_tensors(item, f"{prefix}.{key}" if prefix else str(key))
+    return found
 
 
 def _simple_attrs(module: torch.nn.Module) -> dict[str, Any]:
@@ -92,7 +110,7 @@ class _RandomDraws(TorchDispatchMode):
 class _Recorder:
     """Hook state: the calls so far and which live tensor each call produced."""
 
-    def __init__(self, model_input: torch.Tensor, store: MutableMapping[int, np.ndarray],
+    def __init__(self, model_inputs: list[torch.Tensor], store: MutableMapping[int, np.ndarray],
                  visit: Callable[[int, torch.Tensor], None] | None, parameters: bool) -> None:
         self.calls: list[TorchCall] = []
         self.activations = store
@@ -106,7 +124,8 @@ class _Recorder:
         self._count: dict[str, int] = {}
         self._pending: list[tuple[int | None, ...]] = []  # producers of calls in progress
         self.running: list[str] = []  # paths of the modules whose forward is in progress
-        self._remember(model_input, -1)
+        for position, tensor in enumerate(model_inputs):  # input k is "call" -(k + 1)
+            self._remember(tensor, -(position + 1))
 
     def _remember(self, tensor: torch.Tensor, call: int) -> None:
         self._producer[id(tensor)] = (weakref.ref(tensor), tensor._version, call)
@@ -214,20 +233,25 @@ def training_modules(model: torch.nn.Module) -> tuple[str, ...]:
     )
 
 
-def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True,
-            store: MutableMapping[int, np.ndarray] | None = None,
+def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], *,
+            hooks: bool = True, store: MutableMapping[int, np.ndarray] | None = None,
             visit: Callable[[int, torch.Tensor], None] | None = None,
             parameters: bool = True) -> TorchCapture:
-    """Run ``model`` once on a private copy of ``example`` and record every submodule call.
+    """Run ``model`` once on private copies of ``example`` and record every submodule call.
 
+    ``example`` is one input tensor, or forward()'s ``(args, kwargs)`` (inputs.as_call).
     Each output's values go into ``store`` (a dict of copies by default; a
     store.TensorStore, which copies or writes what it is given, keeps them within a
     memory budget), or, with ``visit``, are handed to ``visit(index,
     tensor)`` as they are made and not kept. TorchScript modules take no hooks: for them
     only the final outputs are captured.
     """
-    own_input = example.clone()
-    recorder = _Recorder(own_input, {} if store is None else store, visit, parameters)
+    args, kwargs = ((example,), {}) if isinstance(example, torch.Tensor) else example
+    originals = [*args, *kwargs.values()]
+    own_args = tuple(a.clone() for a in args)
+    own_kwargs = {k: v.clone() for k, v in kwargs.items()}
+    own = [*own_args, *own_kwargs.values()]
+    recorder = _Recorder(own, {} if store is None else store, visit, parameters)
     use_hooks = hooks and not isinstance(model, torch.jit.ScriptModule)
     # A model in training mode updates BatchNorm running statistics as it runs: restore
     # them, so that diagnosing a model does not change it.
@@ -238,14 +262,16 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
         with torch.no_grad(), draws:
             if use_hooks:
                 with _hooks(model, recorder):
-                    result = model(own_input)
+                    result = model(*own_args, **own_kwargs)
             else:
-                result = model(own_input)
+                result = model(*own_args, **own_kwargs)
     except Exception as exc:  # the user's model failed on our input
+        shapes = ", ".join(str(tuple(t.shape)) for t in originals)
         raise LayerdiffError(
-            f"the PyTorch model failed on an input of shape {tuple(example.shape)}: "
-            f"{type(exc).__name__}: {first_line(exc)}",
-            hint="check --input-shape (N,C,H,W): channels and a size the model accepts",
+            f"the PyTorch model failed on input{'s' if len(originals) > 1 else ''} of shape "
+            f"{shapes}: {type(exc).__name__}: {first_line(exc)}",
+            hint="check --input-shape: channels and a size the model accepts"
+                 + ("" if len(originals) == 1 else ", for each input (NAME:D0,D1,...)"),
         ) from exc
     finally:
         with torch.no_grad():
@@ -253,18 +279,16 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
                 if name in buffers:
                     value.copy_(buffers[name])
     if parameters and isinstance(model, torch.nn.Module):
-        own = {name: p.detach().float().cpu().numpy().copy()
-               for name, p in model.named_parameters(recurse=False)}
-        if own:
-            recorder.parameters[-1] = own
+        root = {name: p.detach().float().cpu().numpy().copy()
+                for name, p in model.named_parameters(recurse=False)}
+        if root:
+            recorder.parameters[-1] = root
     # The outputs are the model's own: no one changes them after, so a copy is needed
     # only to let go of a larger tensor they are a view of (a full-size output is GBs).
-    outputs = [_to_numpy(t, copy=_is_view_of_more(t)) for t in _tensors(result)]
-    del result
-    if not outputs:
-        raise LayerdiffError(
-            "the PyTorch model returned no tensor", hint="layerdiff compares tensor outputs"
-        )
+    named = named_tensors(result)
+    outputs = [_to_numpy(t, copy=_is_view_of_more(t)) for _, t in named]
+    output_names = [name for name, _ in named]
+    del result, named
     mutated = recorder.mutated_later()
     calls = [
         TorchCall(**{**vars(c), "mutated_later": True}) if c.index in mutated else c
@@ -274,11 +298,20 @@ def capture(model: torch.nn.Module, example: torch.Tensor, *, hooks: bool = True
         calls=calls,
         activations=recorder.activations,
         outputs=outputs,
-        input_mutated=not same_values(own_input, example),
+        output_names=output_names,
+        input_mutated=not all(same_values(a, b) for a, b in zip(own, originals)),
         training_modules=training_modules(model) if isinstance(model, torch.nn.Module) else (),
         random_ops=tuple(draws.found),
         parameters=recorder.parameters,
     )
+
+
+def output_names(model: torch.nn.Module, example: tuple[tuple, dict]) -> list[str]:
+    """The names of what ``model`` returns on ``example`` (named_tensors), from a plain run."""
+    args, kwargs = example
+    with torch.no_grad():
+        result = model(*(a.clone() for a in args), **{k: v.clone() for k, v in kwargs.items()})
+    return [name for name, _ in named_tensors(result)]
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

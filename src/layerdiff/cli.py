@@ -16,7 +16,7 @@ import webbrowser
 from pathlib import Path
 
 from . import files, options
-from .errors import LayerdiffError, first_line
+from .errors import LayerdiffError, UsageError, first_line
 
 EXPORTERS = ("dynamo", "legacy")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
@@ -59,16 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exporter used when --onnx is not given (default: dynamo; "
                              "falls back to the other if it fails)")
     report.add_argument("--opset", type=int, metavar="N", help="ONNX opset for the export")
-    report.add_argument("--input-shape", metavar="N,C,H,W", type=_shape,
-                        help="input tensor shape (default: 1,<model channels>,64,64)")
+    report.add_argument("--input-shape", metavar="[NAME:]DIMS", type=_shape, action="append",
+                        help="shape of an input: N,C,H,W for the image (default 1,<model "
+                             "channels>,64,64), or NAME:D0,D1,... for any named input; repeatable")
+    report.add_argument("--input-range", metavar="NAME:LOW,HIGH", type=_range, action="append",
+                        default=[],
+                        help="draw input NAME's values from [LOW, HIGH), e.g. input_ids:0,30522 "
+                             "(integers for integer inputs); repeatable")
+    report.add_argument("--input-data", metavar="FILE.npz",
+                        help="also run real values for every input: an .npz of arrays named "
+                             "after the inputs (np.savez)")
     report.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
     report.add_argument("--samples", type=int, default=1, metavar="N",
                         help="run N random inputs (seeds SEED..SEED+N-1); each layer keeps its worst")
     report.add_argument("--input", action="append", default=[], metavar="FILE", dest="inputs",
-                        help="also run this image (PNG/JPEG/...) or .npy tensor; repeatable")
+                        help="also run this image (PNG/JPEG/...) or .npy tensor for the image "
+                             "input; repeatable")
     report.add_argument("--check-sizes", nargs="+", metavar="H,W", type=_size,
-                        help="also run at these sizes (default: one odd, non-square size when the "
-                             "ONNX takes any size); 'none' for no other size")
+                        help="also run at these sizes of the inputs' free axes: H,W for images, "
+                             "a length for sequences (default: one odd size near the main one "
+                             "when the ONNX takes any); 'none' for no other size")
     report.add_argument("--reference", choices=("float64", "none"), default="float64",
                         help="run PyTorch in float64 too, to measure each layer's fp32 noise "
                              "floor and say which side is off (default: float64)")
@@ -115,32 +125,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("model", metavar="MODEL")
     explain.add_argument("--onnx", metavar="FILE", required=True)
-    explain.add_argument("--input-shape", metavar="N,C,H,W", type=_shape)
+    explain.add_argument("--input-shape", metavar="[NAME:]DIMS", type=_shape, action="append")
+    explain.add_argument("--input-range", metavar="NAME:LOW,HIGH", type=_range, action="append",
+                         default=[])
     explain.add_argument("--trust-pickle", action="store_true")
     explain.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def _shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """``N,C,H,W`` (the image input) or ``NAME:D0,D1,...`` (any input)."""
+    name, sep, dims_text = text.rpartition(":")
+    name = name.strip() if sep else None
+    example = "1,3,64,64 (N,C,H,W) or NAME:1,16"
     try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+        dims = tuple(int(part) for part in dims_text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64 (N,C,H,W)") from None
-    if len(dims) != 4 or min(dims) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,64,64 (N,C,H,W > 0)")
-    return dims
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like {example}") from None
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"'{text}' has no input name before ':'")
+    if (name is None and len(dims) != 4) or not dims or min(dims) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like {example} "
+                                         "(every dimension > 0)")
+    return name, dims
 
 
-def _size(text: str) -> tuple[int, int] | None:
+def _range(text: str) -> tuple[str, tuple[float, float]]:
+    name, sep, bounds = text.rpartition(":")
+    try:
+        low, high = (float(part) for part in bounds.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME:LOW,HIGH like input_ids:0,30522") from None
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"'{text}' has no input name: NAME:LOW,HIGH")
+    return name.strip(), (low, high)
+
+
+def _size(text: str) -> tuple[int, ...] | None:
     if text.lower() == "none":
         return None
     try:
-        height, width = (int(part) for part in text.replace("x", ",").split(","))
+        size = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 48,80") from None
-    if min(height, width) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 48,80")
-    return height, width
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 48,80 (H,W) or 23 "
+                                         "(a length)") from None
+    if len(size) > 2 or min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 48,80 (H,W) or 23")
+    return size
+
+
+def _shapes(given: list | None) -> dict[str | None, tuple[int, ...]] | None:
+    """Repeated --input-shape as shapes by input name (None: the plain N,C,H,W)."""
+    if not given:
+        return None
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for name, dims in given:
+        if name in shapes:
+            raise UsageError(f"--input-shape given twice for {name or 'the image input'}",
+                             hint="give each input's shape once")
+        shapes[name] = dims
+    return shapes
 
 
 def _bytes(text: str) -> int:
@@ -209,7 +253,8 @@ def _environment_error(exc: Exception) -> LayerdiffError | None:
 def _align(args: argparse.Namespace) -> int:
     from .pipeline import explain_alignment
 
-    calls, alignment = explain_alignment(args.model, args.onnx, input_shape=args.input_shape,
+    calls, alignment = explain_alignment(args.model, args.onnx, input_shape=_shapes(args.input_shape),
+                                         input_range=dict(args.input_range),
                                          trust_pickle=args.trust_pickle)
     rows = [("module", "type", "method", "confidence", "ONNX node", "op", "tensor")]
     rows += [(calls[p.call].label, calls[p.call].module_type, p.method, p.confidence, p.onnx_node,
@@ -237,6 +282,9 @@ def _report(args: argparse.Namespace) -> int:
     # A bad number would give a false verdict (--rtol nan passes anything): checked first.
     options.check(rtol=args.rtol, atol=args.atol, seed=args.seed, samples=args.samples,
                   opset=args.opset, max_memory=args.max_memory)
+    for name, bounds in args.input_range:
+        options.input_range(bounds, name)
+    shapes = _shapes(args.input_shape)
     output = Path(args.output) if args.output else None
     default_dir = Path("layerdiff_report")
     # The report path is known up front so the minimal reproducer can sit next to it.
@@ -245,7 +293,8 @@ def _report(args: argparse.Namespace) -> int:
     fp16 = args.fp16 or bool(args.fix_fp16)
     # Every output, before torch is even imported: a run of minutes must not end in a
     # write that fails, or one that replaces the user's checkpoint.
-    inputs = files.given_inputs(args.model, args.onnx, args.inputs)
+    inputs = files.given_inputs(args.model, args.onnx,
+                                [*args.inputs, *([args.input_data] if args.input_data else [])])
     files.check_inputs(inputs)
     files.check_outputs(
         {"-o": report_path, "--json": args.json,
@@ -265,8 +314,9 @@ def _report(args: argparse.Namespace) -> int:
 
     sizes = None if args.check_sizes is None else tuple(s for s in args.check_sizes if s)
     diagnosis = diagnose(
-        args.model, args.onnx, input_shape=args.input_shape, seed=args.seed,
-        samples=args.samples, inputs=tuple(args.inputs), check_sizes=sizes,
+        args.model, args.onnx, input_shape=shapes, input_range=dict(args.input_range),
+        input_data=args.input_data, seed=args.seed,
+        samples=args.samples, input_files=tuple(args.inputs), check_sizes=sizes,
         reference=args.reference, fp16=fp16,
         fp16_method=args.fp16_method, fix_fp16=args.fix_fp16,
         rtol=args.rtol, atol=args.atol, ignore=tuple(args.ignore_layer),

@@ -108,12 +108,15 @@ def _status(metrics: Metrics | None, local: Metrics | None, ignored: bool) -> st
 
 def output_results(torch_outputs: Sequence[np.ndarray], onnx_outputs: Sequence[np.ndarray] | None,
                    names: Sequence[str], *, rtol: float, atol: float,
-                   noise: Sequence[float] = ()) -> list[OutputResult]:
+                   noise: Sequence[float] = (), models: Sequence[str] = ()) -> list[OutputResult]:
+    """Each output compared, by its ONNX name; ``models`` names what forward() returned
+    there ("logits", "0.hidden")."""
     if onnx_outputs is None:
         return []
     floors = list(noise) + [0.0] * (len(names) - len(noise))
-    return [OutputResult(name, compare(t, o, rtol=rtol, atol=atol, noise=floor))
-            for name, t, o, floor in zip(names, torch_outputs, onnx_outputs, floors)]
+    models = list(models) + [""] * (len(names) - len(models))
+    return [OutputResult(name, compare(t, o, rtol=rtol, atol=atol, noise=floor), model)
+            for name, t, o, floor, model in zip(names, torch_outputs, onnx_outputs, floors, models)]
 
 
 def first_divergence(

@@ -38,6 +38,27 @@ LEGACY_DYNAMIC_AXES = {
     "output": {0: "batch", 2: "height", 3: "width"},
 }
 
+
+@dataclass(frozen=True)
+class Example:
+    """What an export traces: forward()'s arguments, the names the ONNX inputs and
+    outputs get, and the axes of each input that stay free (by input name)."""
+
+    args: tuple
+    kwargs: dict
+    input_names: tuple[str, ...]
+    dynamic: dict[str, tuple[int, ...]]
+    output_names: tuple[str, ...] = ()
+
+    @staticmethod
+    def image(tensor: torch.Tensor) -> "Example":
+        """One image in, one out: named "input" and "output", batch, height and width free."""
+        return Example((tensor,), {}, ("input",), {"input": (0, 2, 3)}, ("output",))
+
+    @property
+    def shapes(self) -> str:
+        return ", ".join(str(tuple(t.shape)) for t in (*self.args, *self.kwargs.values()))
+
 BAD_ONNX_HINT = "the file may be truncated or not an ONNX model; re-export it"
 
 Export = Callable[[Path], None]  # writes the ONNX file to the given path
@@ -52,20 +73,23 @@ class _Failure:
 
 def export_onnx(
     model: LoadedModel,
-    example: torch.Tensor,
+    example: torch.Tensor | Example,
     out_path: str | Path,
     *,
     exporter: str = "dynamo",
     opset: int | None = None,
     timeout_s: float = 900,
 ) -> OnnxSource:
-    """Export ``model`` traced on ``example`` to ``out_path``; fall back to the other exporter.
+    """Export ``model`` traced on ``example`` (one image tensor, or an Example) to
+    ``out_path``; fall back to the other exporter.
 
     ``timeout_s`` bounds each export attempt. Raises ExportError when every exporter fails.
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter '{exporter}'",
                          hint="use one of: " + ", ".join(EXPORTERS))
+    if isinstance(example, torch.Tensor):
+        example = Example.image(example)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     order, notes = _plan(model, exporter)
@@ -151,10 +175,10 @@ def _all_failed(failures: list[tuple[str, _Failure]]) -> ExportError:
 
 
 def _try_dynamo(
-    module: torch.nn.Module, example: torch.Tensor, out_path: Path, opset: int | None,
+    module: torch.nn.Module, example: Example, out_path: Path, opset: int | None,
     timeout_s: float,
 ) -> list[str] | _Failure:
-    """Dynamic height and width first; a fixed size if the exporter refuses them."""
+    """Dynamic sizes first; fixed ones if the exporter refuses them."""
     notes: list[str] = []
     export = functools.partial(_export_dynamo, module, example, opset, True)
     failure = _run_isolated(export, out_path, "dynamo", timeout_s)
@@ -168,13 +192,14 @@ def _try_dynamo(
         if retry.log:  # the first attempt's reason and output are the ones reported
             retry.log.unlink()
         return failure
-    return notes + [f"the dynamo exporter refused a dynamic height and width ({failure.reason}); "
-                    f"exported with a fixed input size {tuple(example.shape)}"
+    free = "height and width" if example.dynamic == {"input": (0, 2, 3)} else "sizes"
+    return notes + [f"the dynamo exporter refused a dynamic {free} ({failure.reason}); "
+                    f"exported with a fixed input size {example.shapes}"
                     + _log_mention(failure)]
 
 
 def _try_legacy(
-    module: torch.nn.Module, example: torch.Tensor, out_path: Path, opset: int | None,
+    module: torch.nn.Module, example: Example, out_path: Path, opset: int | None,
     timeout_s: float,
 ) -> list[str] | _Failure:
     export = functools.partial(_export_legacy, module, example, opset or LEGACY_DEFAULT_OPSET)
@@ -186,29 +211,73 @@ _ATTEMPTS = {"dynamo": _try_dynamo, "legacy": _try_legacy}
 
 
 def _export_dynamo(
-    module: torch.nn.Module, example: torch.Tensor, opset: int | None, dynamic: bool, target: Path
+    module: torch.nn.Module, example: Example, opset: int | None, dynamic: bool, target: Path
 ) -> None:
-    options = {} if opset is None else {"opset_version": opset}
+    options: dict = {} if opset is None else {"opset_version": opset}
     if dynamic:
-        options["dynamic_shapes"] = ({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
+        # Batch stays as traced: a free batch of 1 is specialised by torch.export anyway.
+        auto = {name: {a: torch.export.Dim.AUTO for a in axes if a > 0}
+                for name, axes in example.dynamic.items()}
+        names = _parameter_names(module, example)
+        if names is not None:
+            options["dynamic_shapes"] = {param: auto.get(name) or None
+                                         for param, name in names}
+    if len(example.output_names) > 1:
+        options["output_names"] = list(example.output_names)
     # external_data=False: one self-contained file unless the weights pass protobuf's 2 GB.
-    torch.onnx.export(module, (example,), str(target), dynamo=True, external_data=False,
-                      **options)
+    torch.onnx.export(module, example.args, str(target), kwargs=example.kwargs or None,
+                      dynamo=True, external_data=False, **options)
+
+
+def _parameter_names(module: torch.nn.Module, example: Example) -> list[tuple[str, str]] | None:
+    """(forward()'s parameter, input name) for each argument, as torch.export keys
+    dynamic_shapes; None when the signature cannot be read."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    positional = params[:len(example.args)]
+    if len(positional) != len(example.args):
+        return None
+    names = list(example.input_names)
+    return list(zip(positional, names)) + [(k, k) for k in example.kwargs]
 
 
 def _export_legacy(
-    module: torch.nn.Module, example: torch.Tensor, opset: int, target: Path
+    module: torch.nn.Module, example: Example, opset: int, target: Path
 ) -> None:
+    ranks = dict(zip(example.input_names,
+                     (t.dim() for t in (*example.args, *example.kwargs.values()))))
+    # Axes that vary together share a name (an image's and its mask's height), so the
+    # file says they must agree.
+    dynamic_axes = {name: {a: _axis_name(name, a, ranks.get(name, 0)) for a in axes}
+                    for name, axes in example.dynamic.items()}
+    if example.output_names == ("output",) and example.input_names == ("input",):
+        dynamic_axes["output"] = LEGACY_DYNAMIC_AXES["output"]
+    # The legacy exporter takes keyword arguments as a trailing dict in args.
+    args = (*example.args, example.kwargs) if example.kwargs else example.args
     torch.onnx.export(
         module,
-        (example,),
+        args,
         str(target),
         dynamo=False,
         opset_version=opset,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes=LEGACY_DYNAMIC_AXES,
+        input_names=list(example.input_names),
+        output_names=list(example.output_names) or None,
+        dynamic_axes=dynamic_axes,
     )
+
+
+def _axis_name(name: str, axis: int, rank: int) -> str:
+    if axis == 0:
+        return "batch"
+    if rank == 4 and axis in (2, 3):
+        return ("height", "width")[axis - 2]
+    if rank == 2 and axis == 1:
+        return "sequence"
+    return f"{name}_{axis}"
 
 
 # --------------------------------------------------------------------------- isolation

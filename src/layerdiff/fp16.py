@@ -21,6 +21,7 @@ It reads records and graphs; it runs no comparison and no onnxruntime session it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import re
 import warnings
@@ -308,10 +309,15 @@ def _export_half_isolated(module: Any, example: torch.Tensor, out_path: Path,
                           hint="use the 'convert' fp16 method (onnxconverter-common) instead" + log)
 
 
-def _export_half(module: Any, example: torch.Tensor, opset: int, target: Path) -> None:
+def _export_half(module: Any, example: Any, opset: int, target: Path) -> None:
     """Runs in the forked child: the half copy never exists in the caller."""
     half = copy.deepcopy(module).half()
-    exporting._export_legacy(half, example.half(), opset, target)
+    if isinstance(example, torch.Tensor):
+        example = exporting.Example.image(example)
+    halve = lambda t: t.half() if t.is_floating_point() else t  # noqa: E731
+    example = dataclasses.replace(example, args=tuple(halve(a) for a in example.args),
+                                  kwargs={k: halve(v) for k, v in example.kwargs.items()})
+    exporting._export_legacy(half, example, opset, target)
 
 
 def _graphs(graph: onnx.GraphProto):

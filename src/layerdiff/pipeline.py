@@ -19,14 +19,15 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
-from . import files, footprint as forward_memory, options, preflight, store as memory
+from . import files, footprint as forward_memory, preflight, store as memory
 from .align import align
 from .compare import CHUNK
 from .errors import LayerdiffError, UsageError
-from .exporting import describe_onnx, export_onnx
+from .exporting import Example, describe_onnx, export_onnx
 from .loading import from_module, load_model
+from .options import Options
 from .records import (
-    Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, LayerResult, LoadedModel,
+    Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, InputKind, LayerResult, LoadedModel,
     OnnxSource, OutputResult, RandomOp, Settings, TorchCall,
 )
 from .rules import suggest
@@ -48,115 +49,114 @@ def diagnose(
     model: str | Path | torch.nn.Module | LoadedModel,
     onnx: str | Path | None = None,
     *,
-    input_shape: tuple[int, ...] | None = None,
-    seed: int = 0,
-    samples: int = 1,
-    inputs: tuple[str, ...] | list[str] = (),
-    check_sizes: tuple[tuple[int, int], ...] | list[tuple[int, int]] | None = None,
-    reference: str = "float64",
-    rtol: float | None = None,
-    atol: float | None = None,
-    fp16: bool = False,
-    fp16_method: str = "convert",
-    fix_fp16: str | Path | None = None,
-    ignore: tuple[str, ...] | list[str] = (),
-    exporter: str = "dynamo",
-    opset: int | None = None,
-    output_dir: str | Path = "layerdiff_report",
-    trust_pickle: bool = False,
-    ort_level: str = "all",
-    ort_config: dict[str, str] | None = None,
-    provider: str = "CPUExecutionProvider",
+    inputs: torch.Tensor | tuple | dict | None = None,
+    options: Options | None = None,
     progress: Progress | None = None,
-    reproducer_for: str | Path | None = None,
-    max_memory: int | None = None,
+    **settings: Any,
 ) -> Diagnosis:
     """Compare ``model`` with its ONNX export layer by layer and return a Diagnosis.
 
-    ``model`` is a path (spandrel state dict, TorchScript archive), an ``nn.Module`` or a
-    LoadedModel. Without ``onnx`` the model is exported into ``output_dir``. The model
-    runs on ``samples`` random inputs, the ``inputs`` files, and at ``check_sizes``
-    (None: one odd, non-square size besides the main one, when the graph takes any
-    size; () for none). ``reference="float64"`` also runs PyTorch in float64 to measure
-    each layer's fp32 noise floor and say which side is off. ``fp16`` compares against
-    a float16 ONNX (the given file, converted when it is fp32, or one made with
-    ``fp16_method``: "convert" with onnxconverter-common, "half" as model.half() then
-    export); ``fix_fp16`` writes a mixed-precision file keeping the layers that need
-    fp32 and checks it. Tolerances default to 1e-3 / 1e-5 (fp16: 1e-2 / 1e-3). Raises
+    ``model`` is a path (spandrel state dict, TorchScript archive), a Python entry point
+    ``file.py:NAME``, an ``nn.Module`` or a LoadedModel. Without ``onnx`` the model is
+    exported into ``options.output_dir``. ``inputs``: the model's main input values (a
+    tensor, a tuple in forward()'s order, or a dict by name); without them, random values
+    drawn for each input by its kind (inputs/). ``options`` (options.Options), or its
+    fields as keywords (``rtol=1e-4``), say the rest: more random inputs (``samples``),
+    files, other sizes (``check_sizes``; None: one odd size of the inputs' free axes when
+    the graph has any), the float64 referee (``reference``), float16
+    (``fp16``, ``fix_fp16``), onnxruntime's level, config and provider, and the memory
+    budget (``max_memory``: activations beyond it go to disk and ONNX runs in segments;
+    a UsageError says so up front when the forward alone cannot fit). Raises
     LayerdiffError for input the user must fix. With ``reproducer_for`` (the report's
-    path) and a numeric first divergence, the minimal reproducer (reproducer.py) is
-    written next to it and named in the notes. ``max_memory`` (bytes; default
-    store.default_max_memory()) bounds what the process holds: activations and outputs
-    beyond it go to a temporary folder on disk and ONNX runs in segments. A UsageError
-    says so before anything runs at full size when the model's forward alone, estimated
-    from two small runs (footprint.py), cannot fit it; when the peak still exceeds it,
-    a note does.
+    path) and a numeric first divergence, the minimal reproducer is written next to it.
     """
-    options.check(rtol=rtol, atol=atol, seed=seed, samples=samples, opset=opset,
-                  max_memory=max_memory)
-    rtol = rtol if rtol is not None else (1e-2 if fp16 else 1e-3)
-    atol = atol if atol is not None else (1e-3 if fp16 else 1e-5)
+    opts = replace(options or Options(), **settings)
+    opts.check()
+    rtol = opts.rtol if opts.rtol is not None else (1e-2 if opts.fp16 else 1e-3)
+    atol = opts.atol if opts.atol is not None else (1e-3 if opts.fp16 else 1e-5)
     say = progress or (lambda _msg: None)
-    if ort_level not in capture_onnx.LEVELS:
-        raise UsageError(f"unknown onnxruntime optimisation level '{ort_level}'",
+    if opts.ort_level not in capture_onnx.LEVELS:
+        raise UsageError(f"unknown onnxruntime optimisation level '{opts.ort_level}'",
                          hint="use one of: " + ", ".join(capture_onnx.LEVELS))
-    if reference not in ("float64", "none"):
-        raise UsageError(f"unknown reference '{reference}'", hint="use float64 or none")
-    capture_onnx.check_runtime(provider, ort_level, tuple((ort_config or {}).items()))
-    given = files.given_inputs(model if isinstance(model, (str, Path)) else None, onnx, inputs)
+    if opts.reference not in ("float64", "none"):
+        raise UsageError(f"unknown reference '{opts.reference}'", hint="use float64 or none")
+    capture_onnx.check_runtime(opts.provider, opts.ort_level, tuple((opts.ort_config or {}).items()))
+    files_in = tuple(opts.input_files) + ((str(opts.input_data),) if opts.input_data else ())
+    given = files.given_inputs(model if isinstance(model, (str, Path)) else None, onnx, files_in)
 
     def planned(stem: str) -> dict[str, Path | None]:
-        return files.planned_outputs(stem, onnx=onnx, output_dir=output_dir, fp16=fp16,
-                                     fix_fp16=fix_fp16, report=reproducer_for)
+        return files.planned_outputs(stem, onnx=onnx, output_dir=opts.output_dir, fp16=opts.fp16,
+                                     fix_fp16=opts.fix_fp16, report=opts.reproducer_for)
 
     files.check_inputs(given)
     if isinstance(model, (str, Path)):  # checked before the model is even read
         files.check_outputs(planned(Path(model).stem), given)
+    data = cases_.read_npz(opts.input_data) if opts.input_data else None
 
     say("loading model")
-    loaded = _load(model, trust_pickle)
+    loaded = _load(model, opts.trust_pickle)
     files.check_outputs(planned(_stem(loaded)), given)
-    shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
-    limit = max_memory or memory.default_max_memory()
+    request = cases_.Request(shapes=opts.shapes(), ranges=opts.input_range, data=data or {})
+    user_graph = capture_onnx.load_graph(describe_onnx(onnx).path) if onnx else None
+    specs, _ = _specs(loaded, user_graph, request)
+    given_values = cases_.values_from(specs, inputs) if inputs is not None else None
+    if given_values:  # the given values fix the shapes
+        specs = tuple(replace(s, shape=tuple(given_values[s.name].shape)) for s in specs)
+    limit = opts.max_memory or memory.default_max_memory()
     # Before anything runs at full size (export included): refuse what cannot fit.
-    footprint = _forward_fits(loaded, shape, check_sizes, limit, say)
-    main_input = cases_.random_input(shape, seed)
+    footprint = _forward_fits(loaded, specs, opts.check_sizes, limit, say)
+    main_values = given_values or cases_.draw(specs, opts.seed)
 
-    out = files.export_path(output_dir, _stem(loaded))
+    out = files.export_path(opts.output_dir, _stem(loaded))
     if onnx is None:
-        say(f"exporting with the {exporter} exporter")
+        say(f"exporting with the {opts.exporter} exporter")
         out.parent.mkdir(parents=True, exist_ok=True)
-        source = export_onnx(loaded, main_input, out, exporter=exporter, opset=opset)
-        export_size = tuple(shape[-2:])
+        example = _example(loaded, specs, main_values)
+        source = export_onnx(loaded, example, out, exporter=opts.exporter, opset=opts.opset)
+        export_size = tuple(specs[0].shape[-2:]) if len(specs[0].shape) == 4 else None
     else:
         source = describe_onnx(onnx)
         export_size = None
     fp32_path = None
-    if fp16:
-        source, fp32_path = _as_fp16(source, loaded, main_input, out, fp16_method, say, given)
-    graph = capture_onnx.load_graph(source.path)
-    preflight.check_pairing(loaded, graph, shape)
-    notes = list(source.notes) + list(loaded.notes)
+    if opts.fp16:
+        example = _example(loaded, specs, main_values)
+        source, fp32_path = _as_fp16(source, loaded, example, out, opts.fp16_method, say, given)
+    graph = (user_graph if user_graph is not None and source.path == Path(onnx)
+             else capture_onnx.load_graph(source.path))
+    # Now with the file that runs: its input names, dtypes and free axes.
+    fixed = cases_.Request(shapes={s.name: s.shape for s in specs},
+                           ranges={s.name: (s.low, s.high) for s in specs if s.low is not None},
+                           data=request.data)
+    specs, pairing = _specs(loaded, graph, fixed, exported=onnx is None)
+    preflight.check_pairing(loaded, graph, specs)
+    notes = list(source.notes) + list(loaded.notes) + pairing
 
-    sizes, size_note = _sizes(check_sizes, shape, graph)
+    sizes, size_note = _sizes(opts.check_sizes, specs)
     if size_note:
         notes.append(size_note)
-    settings = Settings(rtol=rtol, atol=atol, input_shape=shape, seed=seed, ignore=tuple(ignore),
-                        provider=provider, ort_level=ort_level,
-                        ort_config=tuple((ort_config or {}).items()), reference=reference,
-                        samples=samples, fp16=fp16, inputs=tuple(str(i) for i in inputs),
+    settings = Settings(rtol=rtol, atol=atol, input_specs=specs, seed=opts.seed,
+                        ignore=tuple(opts.ignore), provider=opts.provider,
+                        ort_level=opts.ort_level,
+                        ort_config=tuple((opts.ort_config or {}).items()),
+                        reference=opts.reference, samples=opts.samples, fp16=opts.fp16,
+                        input_files=tuple(str(i) for i in files_in),
                         check_sizes=tuple(sizes), max_memory=limit)
     held, peak_before = memory.current_rss(), memory.peak_rss()
-    largest = max([tuple(shape[-2:]), *sizes], key=lambda s: s[0] * s[1])
     # Shared out against the high end of the estimate; refused (above) only on the low.
-    forward = (footprint.forward(*largest, forward_memory.RSS_FACTOR_HIGH)
-               if footprint is not None else 0)
+    forward = 0
+    if footprint is not None:
+        largest = max([tuple(specs[0].shape[-2:]), *sizes], key=lambda s: s[0] * s[1])
+        forward = footprint.forward(*largest, forward_memory.RSS_FACTOR_HIGH)
     store_bytes, segment_bytes = budgets(limit, held, forward)
     budget = forward_memory.Budget(limit, store_bytes, segment_bytes, footprint)
+    case_list = cases_.cases(specs, opts.seed, samples=opts.samples, files=opts.input_files,
+                             data=data, data_label=Path(opts.input_data).name if data else "",
+                             sizes=sizes, given=given_values)
     with memory.Spill(store_bytes) as spill:
         runner = CaseRunner(loaded, graph, settings, say, spill, budget)
-        diagnosis = _run_cases(runner, loaded, source, graph, settings, notes, main_input, out,
-                               fp32_path, fix_fp16, export_size, reproducer_for)
+        diagnosis = _run_cases(runner, loaded, source, graph, settings, notes, case_list,
+                               main_values, out, fp32_path, opts.fix_fp16, export_size,
+                               opts.reproducer_for)
         spilled = spill.written_bytes
     facts = _memory_facts(diagnosis.facts, settings.max_memory, held, peak_before, spilled)
     facts = replace(facts, forward_memory=forward or None,
@@ -174,6 +174,24 @@ def diagnose(
     return replace(diagnosis, facts=facts, notes=tuple(notes))
 
 
+def _specs(loaded: LoadedModel, graph: capture_onnx.OnnxGraph | None, request,
+           exported: bool = False):
+    return cases_.resolve(loaded.module, loaded.inputs, graph.inputs if graph else None,
+                          request, channels=loaded.input_channels, exported=exported)
+
+
+def _example(loaded: LoadedModel, specs, values) -> Example:
+    """What an export traces: the image model's one input named "input" as before; any
+    other model's inputs by their names, and its outputs by what forward() returns."""
+    if len(specs) == 1 and specs[0].kind == InputKind.IMAGE and not specs[0].keyword:
+        return Example.image(values[specs[0].name])
+    args, kwargs = cases_.as_call(specs, values)
+    outputs = capture_torch.output_names(loaded.module, (args, kwargs))
+    return Example(args, kwargs, tuple(s.name for s in specs),
+                   {s.name: s.dynamic_axes for s in specs if s.dynamic_axes},
+                   tuple(outputs) if outputs != ["output"] else ("output",))
+
+
 def budgets(limit: int, held: int, forward: int = 0) -> tuple[int, int]:
     """Bytes of PyTorch activations kept in RAM, and of aligned tensors per ONNX segment,
     for a diagnosis that may use ``limit`` bytes in a process holding ``held`` now,
@@ -185,15 +203,19 @@ def budgets(limit: int, held: int, forward: int = 0) -> tuple[int, int]:
 LOADING = 256 * 2**20  # see _forward_fits
 
 
-def _forward_fits(loaded: LoadedModel, shape: tuple[int, ...], check_sizes, limit: int,
+def _forward_fits(loaded: LoadedModel, specs, check_sizes, limit: int,
                   say: Progress) -> forward_memory.Footprint | None:
-    """The forward's estimated footprint (None when unknown); a UsageError when the
-    forward alone, at the largest input size known now, cannot fit ``limit``."""
+    """The forward's estimated footprint (None when unknown: only a model of one image
+    input is estimated); a UsageError when the forward alone, at the largest input size
+    known now, cannot fit ``limit``."""
+    if len(specs) != 1 or specs[0].kind != InputKind.IMAGE or specs[0].keyword:
+        return None
+    shape = specs[0].shape
     say("estimating the memory of the model's forward")
     footprint = forward_memory.estimate(loaded.module, shape)
     if footprint is None:
         return None
-    sizes = [tuple(shape[-2:]), *(tuple(s) for s in check_sizes or ())]
+    sizes = [tuple(shape[-2:]), *(tuple(s) for s in check_sizes or () if len(s) == 2)]
     height, width = max(sizes, key=lambda s: s[0] * s[1])
     held, need = memory.current_rss(), footprint.forward(height, width)
     if held + need <= limit:
@@ -229,26 +251,25 @@ def _memory_facts(facts: Facts, limit: int, held: int, peak_before: int, spilled
 
 def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
                graph: capture_onnx.OnnxGraph, settings: Settings, notes: list[str],
-               main_input: torch.Tensor, out: Path, fp32_path: Path | None, fix_fp16,
-               export_size, reproducer_for) -> Diagnosis:
-    say, shape, seed = runner.say, settings.input_shape, settings.seed
+               case_list: list[cases_.Case], main_values: dict[str, torch.Tensor], out: Path,
+               fp32_path: Path | None, fix_fp16, export_size, reproducer_for) -> Diagnosis:
+    say = runner.say
     rtol, atol, ort_level, fp16 = settings.rtol, settings.atol, settings.ort_level, settings.fp16
     results: list[_Case] = []
     skipped: list[CaseResult] = []
-    for number, case in enumerate(cases_.cases(shape, seed, samples=settings.samples,
-                                               files=settings.inputs, sizes=settings.check_sizes)):
+    for number, case in enumerate(case_list):
         say(f"input {number + 1}: {case.label}")
         try:
             results.append(runner.run(case, number))
         except capture_onnx.OnnxLoadError as exc:
             if number == 0:
                 return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
-            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), "skipped", case.kind,
+            skipped.append(CaseResult(case.label, case.shape, "skipped", case.kind,
                                       note=f"onnxruntime cannot run it: {exc.message}"))
         except LayerdiffError as exc:
-            if number == 0 or case.kind == "file":
+            if number == 0 or case.kind in ("file", "data"):
                 raise
-            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), "skipped", case.kind,
+            skipped.append(CaseResult(case.label, case.shape, "skipped", case.kind,
                                       note=f"PyTorch itself fails here: {exc.message}"))
     main = results[0]
 
@@ -266,7 +287,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         random_ops=random_ops,
         onnx_training_nodes=_training_nodes(graph),
         mutated_outputs=tuple(c.label for c in main.calls if c.mutated_later),
-        onnx_input_shape=tuple(graph.inputs[0][2]) if graph.inputs else (),
+        onnx_input_shape=_declared(graph, settings.input_specs),
         ort_optimisation_level=ort_level,
         # A plain run draws other random numbers: it would measure the draws, not fusions.
         instrumentation_delta=(None if any(r.side == "onnx" for r in random_ops)
@@ -283,7 +304,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
 
     if fp16 or _is_fp16(graph):
         facts, fp16_notes = _fp16_facts(facts, main, graph, fp32_path, fix_fp16, loaded,
-                                        main_input, out, settings, say)
+                                        main_values, out, settings, say)
         notes += fp16_notes
     if facts.instrumentation_delta:
         notes.append(f"Exposing intermediate tensors changed the final output by up to "
@@ -324,18 +345,21 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
 
 def explain_alignment(
     model: str | Path | torch.nn.Module | LoadedModel, onnx: str | Path, *,
-    input_shape: tuple[int, ...] | None = None, seed: int = 0, trust_pickle: bool = False,
+    input_shape: tuple[int, ...] | dict | None = None, seed: int = 0,
+    trust_pickle: bool = False, input_range: dict | None = None,
 ) -> tuple[list[TorchCall], Alignment]:
     """Only the pairing of module calls with ONNX tensors, for ``layerdiff align``."""
     files.check_inputs(files.given_inputs(model if isinstance(model, (str, Path)) else None,
                                           onnx, ()))
     loaded = _load(model, trust_pickle)
-    shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     graph = capture_onnx.load_graph(describe_onnx(onnx).path)
+    shapes = Options(input_shape=input_shape).shapes()
+    specs, _ = _specs(loaded, graph, cases_.Request(shapes=shapes, ranges=input_range or {}))
     # The pairing needs the calls and their weights, not the activations.
-    captured = capture_torch.capture(loaded.module, cases_.random_input(shape, seed),
+    captured = capture_torch.capture(loaded.module, cases_.as_call(specs, cases_.draw(specs, seed)),
                                      visit=lambda index, value: None)
-    return captured.calls, align(captured.calls, captured.parameters, graph)
+    return captured.calls, align(captured.calls, captured.parameters, graph,
+                                 [s.onnx_name for s in specs])
 
 
 make_input = cases_.random_input  # uniform [0, 1] input, reproducible from its seed
@@ -520,16 +544,26 @@ def _stem(model: LoadedModel) -> str:
     return model.path.stem if model.path else model.architecture.lower()
 
 
-def _sizes(check_sizes, shape: tuple[int, ...], graph: capture_onnx.OnnxGraph):
-    """Other sizes to run at, and a note when the graph cannot take any."""
-    declared = graph.inputs[0][2] if graph.inputs else ()
-    fixed = len(declared) == 4 and all(isinstance(d, int) for d in declared[-2:])
+def _sizes(check_sizes, specs) -> tuple[list[tuple[int, ...]], str]:
+    """Other extents of the first free input's dynamic axes to run at, and a note when
+    the graph fixes them all."""
+    lead = next((s for s in specs if s.dynamic_axes), None)
     if check_sizes is None:
-        if fixed:
-            return [], (f"the ONNX input is fixed at {tuple(declared)}: other sizes were not "
-                        "checked (export with dynamic height and width to use other sizes)")
-        return [cases_.default_check_size(*shape[-2:])], ""
+        if lead is None:
+            first = specs[0]
+            what = ("height and width" if first.kind == InputKind.IMAGE
+                    else "sizes")
+            return [], (f"the ONNX input is fixed at {tuple(first.shape)}: other sizes were not "
+                        f"checked (export with dynamic {what} to use other sizes)")
+        return [cases_.default_other_size(lead)], ""
     return [tuple(s) for s in check_sizes], ""
+
+
+def _declared(graph: capture_onnx.OnnxGraph, specs) -> tuple:
+    """The ONNX file's dimensions of the first input (as the graph declares them)."""
+    dims = {name: shape for name, _, shape in graph.inputs}
+    name = specs[0].onnx_name if specs else None
+    return tuple(dims.get(name, ())) if name else ()
 
 
 def _random_ops(case: _Case, graph: capture_onnx.OnnxGraph) -> tuple[RandomOp, ...]:
@@ -550,7 +584,7 @@ def _is_fp16(graph: capture_onnx.OnnxGraph) -> bool:
     return half.is_fp16(graph.model)
 
 
-def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: torch.Tensor, out: Path,
+def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: Example, out: Path,
              method: str, say: Progress, given: files.Inputs) -> tuple[OnnxSource, Path | None]:
     """The float16 file to diagnose, and the float32 one it came from (if any)."""
     from . import fp16 as half
@@ -566,7 +600,7 @@ def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: torch.Tensor, out
 
 
 def _fp16_facts(facts: Facts, main: _Case, graph, fp32_path: Path | None, fix_path,
-                loaded: LoadedModel, example: torch.Tensor, out: Path, settings: Settings,
+                loaded: LoadedModel, main_values: dict, out: Path, settings: Settings,
                 say: Progress) -> tuple[Facts, list[str]]:
     from . import fp16 as half
 
@@ -582,11 +616,15 @@ def _fp16_facts(facts: Facts, main: _Case, graph, fp32_path: Path | None, fix_pa
         else:
             if fp32_path is None:
                 say("exporting a float32 model to build the mixed-precision one from")
+                example = _example(loaded, settings.input_specs, main_values)
                 fp32_path = export_onnx(loaded, example, files.fp32_path(out),
                                         exporter="legacy").path
             say("writing and checking the mixed-precision model")
             mixed = half.keep_in_fp32(fp32_path, findings.node_names, fix_path)
-            check = diagnose(loaded, mixed, input_shape=settings.input_shape, seed=settings.seed,
+            check = diagnose(loaded, mixed, input_shape={s.name: s.shape for s in settings.input_specs},
+                             input_range={s.name: (s.low, s.high) for s in settings.input_specs
+                                          if s.low is not None},
+                             seed=settings.seed,
                              rtol=settings.rtol, atol=settings.atol, check_sizes=(),
                              reference="none", ort_level=settings.ort_level,
                              ort_config=dict(settings.ort_config), provider=settings.provider)

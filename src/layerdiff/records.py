@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA = "layerdiff/1"
+SCHEMA = "layerdiff/2"
 
 
 # --------------------------------------------------------------------------- load / export
@@ -45,6 +45,7 @@ class InputSpec:
     kind: InputKind = InputKind.IMAGE
     low: float | None = None  # values drawn from [low, high); None: the kind's default
     high: float | None = None
+    fill: float | None = None  # a constant instead (forward()'s default for an ONNX input)
     onnx_name: str | None = None  # the ONNX graph input fed with it
     keyword: bool = False  # passed to forward() by keyword, not by position
     # Axes whose size may change (exported dynamic, checked at other sizes): for an image
@@ -235,8 +236,9 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class OutputResult:
-    name: str
+    name: str  # the ONNX output's
     metrics: Metrics
+    model_output: str = ""  # what forward() returned there: "output", "logits", "0.hidden"
 
     @property
     def passed(self) -> bool:
@@ -333,9 +335,11 @@ class Facts:
 
 @dataclass(frozen=True)
 class Settings:
+    """What a diagnosis ran with, as resolved (the JSON's "settings")."""
+
     rtol: float
     atol: float
-    input_shape: tuple[int, ...]
+    input_specs: tuple[InputSpec, ...]  # the model's inputs, at the main case's shapes
     seed: int
     ignore: tuple[str, ...]
     provider: str = "CPUExecutionProvider"
@@ -344,9 +348,14 @@ class Settings:
     reference: str = "float64"  # "float64" referee run, or "none"
     samples: int = 1
     fp16: bool = False
-    inputs: tuple[str, ...] = ()
-    check_sizes: tuple[tuple[int, int], ...] = ()
+    input_files: tuple[str, ...] = ()  # --input files, then an --input-data archive
+    check_sizes: tuple[tuple[int, ...], ...] = ()  # other extents of the dynamic axes
     max_memory: int = 0  # bytes the diagnosis may hold (--max-memory)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The first input's shape (the image, for an image model)."""
+        return tuple(self.input_specs[0].shape) if self.input_specs else ()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ neighbourhood graph, histograms) in :mod:`layerdiff.report_visuals`.
 
 Public API::
 
-    to_json_dict(d)              -> dict   (schema "layerdiff/1")
+    to_json_dict(d)              -> dict   (schema "layerdiff/2")
     write_json(d, path)          -> Path   (atomic)
     render_html(d)               -> str    (one self-contained HTML page)
     write_html(d, path)          -> Path   (atomic)
@@ -180,7 +180,7 @@ def _aliases(d: Diagnosis) -> list[tuple[str, str]]:
 
 
 def to_json_dict(d: Diagnosis) -> dict[str, Any]:
-    """The diagnosis as plain JSON data, schema ``"layerdiff/1"``.
+    """The diagnosis as plain JSON data, schema ``"layerdiff/2"``.
 
     Float convention: every non-finite float (NaN, +inf, -inf) is written as ``null``,
     so the result always passes ``json.dumps(..., allow_nan=False)``. Whether a tensor
@@ -198,7 +198,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
 
     outputs = []
     for o in d.outputs:
-        row = {"name": o.name}
+        row = {"name": o.name, "model_output": o.model_output}
         row.update(_metrics_json(o.metrics))
         outputs.append(row)
 
@@ -288,6 +288,15 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "rtol": _finite_or_none(s.rtol),
         "atol": _finite_or_none(s.atol),
         "input_shape": [int(x) for x in s.input_shape],
+        "inputs": [{"name": i.name, "onnx_name": i.onnx_name, "dtype": i.dtype,
+                    "shape": [int(x) for x in i.shape], "kind": str(i.kind),
+                    "range": (None if i.low is None else [_finite_or_none(i.low),
+                                                          _finite_or_none(i.high)]),
+                    "fill": _finite_or_none(i.fill) if i.fill is not None else None,
+                    "keyword": i.keyword, "dynamic_axes": list(i.dynamic_axes)}
+                   for i in s.input_specs],
+        "input_files": list(s.input_files),
+        "check_sizes": [list(c) for c in s.check_sizes],
         "seed": int(s.seed),
         "ignore": list(s.ignore),
         "provider": s.provider,

@@ -19,7 +19,6 @@ only widens it, so skipping this for passing layers changes no result.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
 from .records import (
-    Alignment, CaseResult, FirstDivergence, LayerResult, LoadedModel, Metrics, OutputResult,
-    Referee, Settings, TorchCall, Unmatched,
+    Alignment, CaseResult, FirstDivergence, InputSpec, LayerResult, LoadedModel, Metrics,
+    OutputResult, Referee, Settings, TorchCall, Unmatched,
 )
 from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
 
@@ -113,11 +112,17 @@ class CaseRunner:
 
     def run(self, case: cases_.Case, number: int) -> CaseRun:
         s, graph = self.settings, self.graph
-        feeds = feeds_for(graph, case.tensor, self.loaded)
+        specs = s.input_specs
+        feeds = feeds_for(graph, specs, case.values)
         store = TensorStore(self.spill, ("torch", number))
-        captured = capture_torch.capture(self.loaded.module, case.tensor, store=store)
-        preflight.check_outputs(captured.outputs, graph, self.loaded.architecture)
-        alignment = align(captured.calls, captured.parameters, graph)
+        captured = capture_torch.capture(self.loaded.module, cases_.as_call(specs, case.values),
+                                         store=store)
+        order = preflight.pair_outputs(captured.output_names, graph.outputs,
+                                       self.loaded.architecture)
+        captured.outputs = [captured.outputs[k] for k in order]
+        captured.output_names = [captured.output_names[k] for k in order]
+        alignment = align(captured.calls, captured.parameters, graph,
+                          [spec.onnx_name for spec in specs])
         captured.parameters.clear()
         plan = segments.plan(graph, [p.onnx_tensor for p in alignment.pairs],
                              _sizes(alignment, captured.calls, graph), self.budget.segment)
@@ -132,7 +137,7 @@ class CaseRunner:
                          else StoredList(held, "onnx", (first.outputs[n] for n in graph.outputs)))
         first.outputs.clear()
         outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
-                                       rtol=s.rtol, atol=s.atol)
+                                       rtol=s.rtol, atol=s.atol, models=captured.output_names)
         failing = {k for k, m in first.metrics.items() if not m.passed}
         notes: list[str] = []
         noise: dict[int, float] = {}
@@ -143,7 +148,8 @@ class CaseRunner:
             noise, residuals, output_noise = self._referee(case, captured, wanted, notes, number)
             if output_noise:
                 outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
-                                               rtol=s.rtol, atol=s.atol, noise=output_noise)
+                                               rtol=s.rtol, atol=s.atol, noise=output_noise,
+                                               models=captured.output_names)
             if failing and first.resume is not None:
                 second = self._second_pass(runner, feeds, kept, failing, captured, noise,
                                            residuals, first.resume,
@@ -300,7 +306,9 @@ class CaseRunner:
         try:
             if self._model64 is None:
                 self._model64 = copy.deepcopy(self.loaded.module).double()
-            captured64 = capture_torch.capture(self._model64, case.tensor.double(), visit=visit,
+            args, kwargs = cases_.as_call(self.settings.input_specs, {
+                name: v.double() if v.is_floating_point() else v for name, v in case.values.items()})
+            captured64 = capture_torch.capture(self._model64, (args, kwargs), visit=visit,
                                                parameters=False)
         except (LayerdiffError, RuntimeError, TypeError) as exc:
             notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
@@ -308,7 +316,9 @@ class CaseRunner:
         if [c.shape for c in captured64.calls] != [c.shape for c in captured.calls]:
             notes.append("float64 referee skipped: the float64 run took another path")
             return {}, None, []
-        output_noise = [_max_diff(a, b) for a, b in zip(captured.outputs, captured64.outputs)]
+        by_name = dict(zip(captured64.output_names, captured64.outputs))
+        output_noise = [_max_diff(a, by_name[n]) if n in by_name else 0.0
+                        for a, n in zip(captured.outputs, captured.output_names)]
         return noise, residuals, output_noise
 
     # ----------------------------------------------------------------------- re-checks
@@ -485,35 +495,21 @@ def _chunks(a: np.ndarray, b: np.ndarray):
         yield flat_a[lo:lo + CHUNK], flat_b[lo:lo + CHUNK]
 
 
-def feeds_for(graph: capture_onnx.OnnxGraph, example: torch.Tensor,
-              model: LoadedModel) -> dict[str, np.ndarray]:
-    """The image for the first input; forward()'s defaults for any other (RealCUGAN's alpha)."""
+def feeds_for(graph: capture_onnx.OnnxGraph, specs: Sequence[InputSpec],
+              values: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The ONNX inputs: each input's values as the graph's dtype (ORT only reads them)."""
     if not graph.inputs:
         raise UsageError("the ONNX model has no inputs", hint="re-export it with an input")
-    name, dtype, _ = graph.inputs[0]
-    feeds = {name: example.numpy().astype(dtype, copy=False)}  # ORT only reads it
-    extra = graph.inputs[1:]
-    if not extra:
-        return feeds
-    defaults = _forward_defaults(model.module)
-    for name, dtype, shape in extra:
-        if name not in defaults:
-            raise UsageError(
-                f"the ONNX model has an input '{name}' that layerdiff cannot fill",
-                hint=f"the model's forward() has no default for '{name}'; "
-                     "export the ONNX with a single image input",
-            )
-        value = np.asarray(defaults[name], dtype=dtype)
-        dims = [d if isinstance(d, int) else 1 for d in shape]
-        feeds[name] = np.broadcast_to(value, dims).copy() if dims else value
+    dtypes = {name: dtype for name, dtype, _ in graph.inputs}
+    feeds = {}
+    for spec in specs:
+        if spec.onnx_name is None:
+            continue
+        array = values[spec.name].numpy()
+        feeds[spec.onnx_name] = array.astype(dtypes.get(spec.onnx_name, array.dtype), copy=False)
+    missing = [name for name in dtypes if name not in feeds]
+    if missing:
+        raise UsageError(f"the ONNX model has an input '{missing[0]}' that layerdiff cannot fill",
+                         hint="give it with --input-shape/--input-range NAME:..., or export "
+                              "the ONNX with the inputs forward() takes")
     return feeds
-
-
-def _forward_defaults(module: Any) -> dict[str, Any]:
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError, AttributeError):
-        return {}
-    return {p.name: p.default for p in params
-            if p.default is not inspect.Parameter.empty
-            and isinstance(p.default, (int, float, bool))}

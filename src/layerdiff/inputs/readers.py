@@ -1,46 +1,23 @@
-"""The inputs a diagnosis runs on: random tensors, images, .npy files, other sizes.
+"""Inputs read from files: images, ``.npy`` arrays (``--input``) and ``.npz`` archives of
+named arrays (``--input-data``).
 
-Each becomes a ``Case``: a labelled input tensor. Random inputs are uniform in [0, 1]
-and reproducible from their seed; images are converted to the model's channels and to
-[0, 1]; ``.npy`` files are taken as they are (a missing batch dimension is added).
+Images are converted to the model's channels and to [0, 1]; ``.npy`` files are taken as
+they are (a missing batch dimension is added). No reader unpickles: an array of Python
+objects is refused.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import UsageError, first_line
+from ..errors import UsageError, first_line
+from ..store import available_memory, human_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-@dataclass(frozen=True)
-class Case:
-    label: str  # "random seed 0", "photo.png", "random 49x81"
-    tensor: torch.Tensor
-    kind: str  # "random" | "file" | "size"
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.tensor.shape[-2:])  # type: ignore[return-value]
-
-
-def random_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Uniform values in [0, 1], like an image, reproducible from ``seed``."""
-    from .store import available_memory, human_bytes
-
-    need = 4 * math.prod(shape)
-    if need > available_memory():
-        raise UsageError(f"an input of shape {tuple(shape)} needs {human_bytes(need)}, more "
-                         f"than the {human_bytes(available_memory())} of memory available",
-                         hint="give a smaller --input-shape")
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=generator, dtype=torch.float32)
 
 
 def from_file(path: str | Path, channels: int) -> torch.Tensor:
@@ -140,23 +117,51 @@ def _grey_to(grey: np.ndarray, channels: int) -> np.ndarray:
     return np.stack(planes, axis=-1)
 
 
-def default_check_size(height: int, width: int) -> tuple[int, int]:
-    """An odd, non-square size near the main one: shapes frozen at export show there."""
-    def odd(x: float) -> int:
-        n = max(int(round(x)), 3)
-        return n if n % 2 else n + 1
-
-    return odd(height * 0.75), odd(width * 1.25)
-
-
-def cases(shape: tuple[int, ...], seed: int, *, samples: int = 1, files: tuple[str, ...] = (),
-          sizes: tuple[tuple[int, int], ...] = ()) -> list[Case]:
-    """The main random input first, then more random ones, files, and other sizes."""
-    found = [Case(f"random (seed {seed + i})", random_input(shape, seed + i), "random")
-             for i in range(max(samples, 1))]
-    found += [Case(Path(f).name, from_file(f, shape[1]), "file") for f in files]
-    for height, width in sizes:
-        if (height, width) != tuple(shape[-2:]):
-            found.append(Case(f"random {height}x{width}",
-                              random_input((shape[0], shape[1], height, width), seed), "size"))
-    return found
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """The named arrays of an ``np.savez`` archive, each checked as a .npy file is (no
+    pickles, a header that matches the data) before numpy allocates it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"input data file not found: {path}", hint="check the --input-data path")
+    fmt = np.lib.format
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename.removesuffix(".npy")
+                with archive.open(member) as file:
+                    version = fmt.read_magic(file)
+                    read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                                   else fmt.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(file)
+                    if dtype.hasobject:
+                        raise ValueError(f"'{name}' holds Python objects, which would need "
+                                         "unpickling")
+                    expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    # The archive's own size of the member bounds what is read: a header
+                    # announcing TBs allocates nothing.
+                    if expected > member.file_size:
+                        raise ValueError(f"the header of '{name}' announces {shape} {dtype}, "
+                                         f"more than the {member.file_size} bytes it holds")
+                    if expected > available_memory():
+                        raise ValueError(f"'{name}' needs {human_bytes(expected)}, more than "
+                                         "the memory available")
+                    data = file.read(expected + 1)
+                if len(data) != expected:
+                    raise ValueError(f"the header of '{name}' announces {shape} {dtype} "
+                                     f"({expected} bytes) but it holds {len(data)} bytes")
+                array = np.frombuffer(data, dtype=dtype)
+                arrays[name] = array.reshape(shape, order="F" if fortran else "C").copy()
+    except UsageError:
+        raise
+    except Exception as exc:  # zipfile, numpy: BadZipFile, ValueError, EOFError, OSError...
+        raise UsageError(f"cannot read {path.name} as an .npz archive: {first_line(exc)}",
+                         hint="save the inputs with np.savez(FILE, name=array, ...)") from None
+    if not arrays:
+        raise UsageError(f"{path.name} holds no arrays",
+                         hint="save the inputs with np.savez(FILE, name=array, ...)")
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise UsageError(f"{path.name}: '{name}' holds {array.dtype} values, not numbers",
+                             hint="save numeric arrays (float, int or bool)")
+    return arrays
