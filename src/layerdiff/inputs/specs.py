@@ -318,7 +318,7 @@ def _check_rank(spec: InputSpec, shape: tuple[int, ...], dims: tuple) -> None:
         if axis == 1 and isinstance(dim, int) and dim != size and len(dims) == 4 \
                 and spec.kind in (InputKind.IMAGE, InputKind.MASK):
             raise MismatchError(f"the ONNX file's input '{spec.onnx_name}' has {dim} channels; "
-                                f"the model's input '{spec.name}' is given {size}", hint=HINT)
+                                f"the model takes {size}", hint=HINT)
 
 
 def _family(kind: InputKind) -> str:
@@ -328,6 +328,9 @@ def _family(kind: InputKind) -> str:
 
 def _fill(dim, axis: int, spec: InputSpec, symbols: dict, reference: dict, channels: int,
           rank: int) -> int:
+    if rank == 4 and axis == 1 and spec.kind == InputKind.IMAGE:
+        # The model's channels, not the file's: a file of another model must show as one.
+        return spec.shape[1] if len(spec.shape) == 4 and spec.shape[1] > 0 else channels
     if isinstance(dim, int) and dim > 0:
         return dim
     if isinstance(dim, str) and dim in symbols:
