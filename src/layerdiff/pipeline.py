@@ -24,7 +24,7 @@ from .align import align
 from .compare import CHUNK
 from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
-from .loading import from_module, load_model
+from .models import from_module, load_model
 from .records import (
     Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, LayerResult, LoadedModel,
     OnnxSource, OutputResult, RandomOp, Settings, TorchCall,
