@@ -24,7 +24,7 @@ from .align import align
 from .compare import CHUNK
 from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
-from .models import from_module, load_model
+from .models import from_module, load_model, model_file, output_stem
 from .records import (
     Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, LayerResult, LoadedModel,
     OnnxSource, OutputResult, RandomOp, Settings, TorchCall,
@@ -70,6 +70,7 @@ def diagnose(
     progress: Progress | None = None,
     reproducer_for: str | Path | None = None,
     max_memory: int | None = None,
+    weights: str | Path | None = None,
 ) -> Diagnosis:
     """Compare ``model`` with its ONNX export layer by layer and return a Diagnosis.
 
@@ -90,7 +91,8 @@ def diagnose(
     beyond it go to a temporary folder on disk and ONNX runs in segments. A UsageError
     says so before anything runs at full size when the model's forward alone, estimated
     from two small runs (footprint.py), cannot fit it; when the peak still exceeds it,
-    a note does.
+    a note does. ``weights`` is a state dict file loaded into the module a Python
+    entry point (``file.py:NAME``) builds.
     """
     options.check(rtol=rtol, atol=atol, seed=seed, samples=samples, opset=opset,
                   max_memory=max_memory)
@@ -103,7 +105,7 @@ def diagnose(
     if reference not in ("float64", "none"):
         raise UsageError(f"unknown reference '{reference}'", hint="use float64 or none")
     capture_onnx.check_runtime(provider, ort_level, tuple((ort_config or {}).items()))
-    given = files.given_inputs(model if isinstance(model, (str, Path)) else None, onnx, inputs)
+    given = files.given_inputs(_model_file(model), onnx, inputs, weights=weights)
 
     def planned(stem: str) -> dict[str, Path | None]:
         return files.planned_outputs(stem, onnx=onnx, output_dir=output_dir, fp16=fp16,
@@ -111,10 +113,10 @@ def diagnose(
 
     files.check_inputs(given)
     if isinstance(model, (str, Path)):  # checked before the model is even read
-        files.check_outputs(planned(Path(model).stem), given)
+        files.check_outputs(planned(output_stem(model)), given)
 
     say("loading model")
-    loaded = _load(model, trust_pickle)
+    loaded = _load(model, trust_pickle, weights)
     files.check_outputs(planned(_stem(loaded)), given)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     limit = max_memory or memory.default_max_memory()
@@ -325,11 +327,11 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
 def explain_alignment(
     model: str | Path | torch.nn.Module | LoadedModel, onnx: str | Path, *,
     input_shape: tuple[int, ...] | None = None, seed: int = 0, trust_pickle: bool = False,
+    weights: str | Path | None = None,
 ) -> tuple[list[TorchCall], Alignment]:
     """Only the pairing of module calls with ONNX tensors, for ``layerdiff align``."""
-    files.check_inputs(files.given_inputs(model if isinstance(model, (str, Path)) else None,
-                                          onnx, ()))
-    loaded = _load(model, trust_pickle)
+    files.check_inputs(files.given_inputs(_model_file(model), onnx, (), weights=weights))
+    loaded = _load(model, trust_pickle, weights)
     shape = tuple(input_shape) if input_shape else (1, loaded.input_channels, 64, 64)
     graph = capture_onnx.load_graph(describe_onnx(onnx).path)
     # The pairing needs the calls and their weights, not the activations.
@@ -508,15 +510,25 @@ def _write_reproducer(graph: capture_onnx.OnnxGraph, case: _Case, report: str | 
 # --------------------------------------------------------------------------- helpers
 
 
-def _load(model: Any, trust_pickle: bool) -> LoadedModel:
+def _load(model: Any, trust_pickle: bool, weights: str | Path | None = None) -> LoadedModel:
+    if isinstance(model, (LoadedModel, torch.nn.Module)) and weights is not None:
+        raise UsageError("weights= goes with a Python entry point ('file.py:NAME'), not a "
+                         "module in memory", hint="load the state dict into the module yourself")
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, torch.nn.Module):
         return from_module(model)
-    return load_model(model, trust_pickle=trust_pickle)
+    return load_model(model, weights=weights, trust_pickle=trust_pickle)
+
+
+def _model_file(model: Any) -> Any:
+    """The file the model is read from (a path, an entry point's .py file), or None."""
+    return model_file(model) if isinstance(model, (str, Path)) else None
 
 
 def _stem(model: LoadedModel) -> str:
+    if model.stem:
+        return model.stem
     return model.path.stem if model.path else model.architecture.lower()
 
 
