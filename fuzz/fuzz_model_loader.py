@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of layerdiff.loading.load_model (atheris / libFuzzer).
+"""Coverage-guided fuzzing of layerdiff.models.load_model (atheris / libFuzzer).
 
     python fuzz/fuzz_model_loader.py fuzz/corpus/model -max_total_time=300
 
@@ -16,7 +16,7 @@ import atheris
 
 with atheris.instrument_imports(include=["layerdiff", "zipfile", "safetensors", "spandrel"]):
     from layerdiff.errors import LayerdiffError
-    from layerdiff.loading import load_model
+    from layerdiff.models import load_model
 
 from _harness import run_one
 

@@ -13,7 +13,7 @@ from spandrel.architectures.SPAN import SPAN
 
 from layerdiff.errors import ExportError, OnnxLoadError, UsageError
 from layerdiff.exporting import describe_onnx, export_onnx
-from layerdiff.loading import from_module
+from layerdiff.models import from_module
 
 EXAMPLE_SHAPE = (1, 3, 16, 16)
 

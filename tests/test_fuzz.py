@@ -34,7 +34,7 @@ from layerdiff.cli import build_parser, main
 from layerdiff.errors import LayerdiffError
 from layerdiff.exporting import describe_onnx
 from layerdiff.inputs import from_file
-from layerdiff.loading import load_model
+from layerdiff.models import load_model
 from layerdiff.records import LoadedModel
 
 sys.path.insert(0, str(ROOT / "fuzz"))

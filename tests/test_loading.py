@@ -13,7 +13,7 @@ from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.SPAN import SPAN
 
 from layerdiff.errors import ModelLoadError, UntrustedPickleError
-from layerdiff.loading import from_module, load_model
+from layerdiff.models import from_module, load_model
 
 # Sizes small enough to build in milliseconds that spandrel still recognises, with the
 # architecture name, input/output channels and scale it reports for them.

@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare a PyTorch model with its ONNX export layer by layer.",
     )
     report.add_argument("model", metavar="MODEL",
-                        help=".pth/.pt/.ckpt/.safetensors state dict (spandrel) or TorchScript archive")
+                        help=".pth/.pt/.ckpt/.safetensors state dict (spandrel), TorchScript "
+                             "archive, or Python entry point file.py:NAME / package.module:NAME "
+                             "(runs that code)")
+    report.add_argument("--weights", metavar="FILE",
+                        help="state dict loaded into the entry point's module (tensors only)")
     report.add_argument("--onnx", metavar="FILE", help="diagnose this ONNX file instead of exporting")
     report.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                         help="exporter used when --onnx is not given (default: dynamo; "
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("model", metavar="MODEL")
     explain.add_argument("--onnx", metavar="FILE", required=True)
+    explain.add_argument("--weights", metavar="FILE")
     explain.add_argument("--input-shape", metavar="[NAME:]DIMS", type=_shape, action="append")
     explain.add_argument("--input-range", metavar="NAME:LOW,HIGH", type=_range, action="append",
                          default=[])
@@ -255,7 +260,7 @@ def _align(args: argparse.Namespace) -> int:
 
     calls, alignment = explain_alignment(args.model, args.onnx, input_shape=_shapes(args.input_shape),
                                          input_range=dict(args.input_range),
-                                         trust_pickle=args.trust_pickle)
+                                         trust_pickle=args.trust_pickle, weights=args.weights)
     rows = [("module", "type", "method", "confidence", "ONNX node", "op", "tensor")]
     rows += [(calls[p.call].label, calls[p.call].module_type, p.method, p.confidence, p.onnx_node,
               p.op_type, p.onnx_tensor) for p in alignment.pairs]
@@ -285,20 +290,24 @@ def _report(args: argparse.Namespace) -> int:
     for name, bounds in args.input_range:
         options.input_range(bounds, name)
     shapes = _shapes(args.input_shape)
+    from .models import model_file, output_stem  # torch-free: entry points are only parsed
+
     output = Path(args.output) if args.output else None
     default_dir = Path("layerdiff_report")
+    stem = output_stem(args.model)
     # The report path is known up front so the minimal reproducer can sit next to it.
-    report_path = output if output is not None else default_dir / f"{Path(args.model).stem}.html"
+    report_path = output if output is not None else default_dir / f"{stem}.html"
     output_dir = output.parent if output else default_dir
     fp16 = args.fp16 or bool(args.fix_fp16)
     # Every output, before torch is even imported: a run of minutes must not end in a
     # write that fails, or one that replaces the user's checkpoint.
-    inputs = files.given_inputs(args.model, args.onnx,
-                                [*args.inputs, *([args.input_data] if args.input_data else [])])
+    inputs = files.given_inputs(model_file(args.model), args.onnx,
+                                [*args.inputs, *([args.input_data] if args.input_data else [])],
+                                weights=args.weights)
     files.check_inputs(inputs)
     files.check_outputs(
         {"-o": report_path, "--json": args.json,
-         **files.planned_outputs(Path(args.model).stem, onnx=args.onnx, output_dir=output_dir,
+         **files.planned_outputs(stem, onnx=args.onnx, output_dir=output_dir,
                                  fp16=fp16, fix_fp16=args.fix_fp16, report=report_path)},
         inputs)
 
@@ -325,6 +334,7 @@ def _report(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle, ort_level=args.ort_level,
         ort_config=dict(args.ort_config), provider=args.provider,
         progress=progress, reproducer_for=report_path, max_memory=args.max_memory,
+        weights=args.weights,
     )
     output = report_path
     render.write_html(diagnosis, output)

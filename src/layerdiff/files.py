@@ -165,7 +165,9 @@ def planned_outputs(stem: str, *, onnx: object, output_dir: str | os.PathLike[st
     }
 
 
-def given_inputs(model: object, onnx: object, inputs: Iterable[object]) -> list:
-    """A run's input files, as check_inputs and check_outputs take them."""
-    return [("the model", model), ("the --onnx file", onnx),
+def given_inputs(model: object, onnx: object, inputs: Iterable[object], *,
+                 weights: object = None) -> list:
+    """A run's input files, as check_inputs and check_outputs take them. ``model`` is
+    the file the model is read from (an entry point's .py file: models.model_file)."""
+    return [("the model", model), ("the --onnx file", onnx), ("the --weights file", weights),
             *(("an --input file", path) for path in inputs)]

@@ -24,7 +24,7 @@ from .align import align
 from .compare import CHUNK
 from .errors import LayerdiffError, UsageError
 from .exporting import Example, describe_onnx, export_onnx
-from .loading import from_module, load_model
+from .models import from_module, load_model, model_file, output_stem
 from .options import Options
 from .records import (
     Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, InputKind, LayerResult, LoadedModel,
@@ -69,6 +69,7 @@ def diagnose(
     a UsageError says so up front when the forward alone cannot fit). Raises
     LayerdiffError for input the user must fix. With ``reproducer_for`` (the report's
     path) and a numeric first divergence, the minimal reproducer is written next to it.
+    ``weights``: a state dict file loaded into the module a Python entry point builds.
     """
     opts = replace(options or Options(), **settings)
     opts.check()
@@ -82,7 +83,7 @@ def diagnose(
         raise UsageError(f"unknown reference '{opts.reference}'", hint="use float64 or none")
     capture_onnx.check_runtime(opts.provider, opts.ort_level, tuple((opts.ort_config or {}).items()))
     files_in = tuple(opts.input_files) + ((str(opts.input_data),) if opts.input_data else ())
-    given = files.given_inputs(model if isinstance(model, (str, Path)) else None, onnx, files_in)
+    given = files.given_inputs(_model_file(model), onnx, files_in, weights=opts.weights)
 
     def planned(stem: str) -> dict[str, Path | None]:
         return files.planned_outputs(stem, onnx=onnx, output_dir=opts.output_dir, fp16=opts.fp16,
@@ -90,11 +91,11 @@ def diagnose(
 
     files.check_inputs(given)
     if isinstance(model, (str, Path)):  # checked before the model is even read
-        files.check_outputs(planned(Path(model).stem), given)
+        files.check_outputs(planned(output_stem(model)), given)
     data = cases_.read_npz(opts.input_data) if opts.input_data else None
 
     say("loading model")
-    loaded = _load(model, opts.trust_pickle)
+    loaded = _load(model, opts.trust_pickle, opts.weights)
     files.check_outputs(planned(_stem(loaded)), given)
     request = cases_.Request(shapes=opts.shapes(), ranges=opts.input_range, data=data or {})
     user_graph = capture_onnx.load_graph(describe_onnx(onnx).path) if onnx else None
@@ -347,11 +348,11 @@ def explain_alignment(
     model: str | Path | torch.nn.Module | LoadedModel, onnx: str | Path, *,
     input_shape: tuple[int, ...] | dict | None = None, seed: int = 0,
     trust_pickle: bool = False, input_range: dict | None = None,
+    weights: str | Path | None = None,
 ) -> tuple[list[TorchCall], Alignment]:
     """Only the pairing of module calls with ONNX tensors, for ``layerdiff align``."""
-    files.check_inputs(files.given_inputs(model if isinstance(model, (str, Path)) else None,
-                                          onnx, ()))
-    loaded = _load(model, trust_pickle)
+    files.check_inputs(files.given_inputs(_model_file(model), onnx, (), weights=weights))
+    loaded = _load(model, trust_pickle, weights)
     graph = capture_onnx.load_graph(describe_onnx(onnx).path)
     shapes = Options(input_shape=input_shape).shapes()
     specs, _ = _specs(loaded, graph, cases_.Request(shapes=shapes, ranges=input_range or {}))
@@ -532,15 +533,25 @@ def _write_reproducer(graph: capture_onnx.OnnxGraph, case: _Case, report: str | 
 # --------------------------------------------------------------------------- helpers
 
 
-def _load(model: Any, trust_pickle: bool) -> LoadedModel:
+def _load(model: Any, trust_pickle: bool, weights: str | Path | None = None) -> LoadedModel:
+    if isinstance(model, (LoadedModel, torch.nn.Module)) and weights is not None:
+        raise UsageError("weights= goes with a Python entry point ('file.py:NAME'), not a "
+                         "module in memory", hint="load the state dict into the module yourself")
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, torch.nn.Module):
         return from_module(model)
-    return load_model(model, trust_pickle=trust_pickle)
+    return load_model(model, weights=weights, trust_pickle=trust_pickle)
+
+
+def _model_file(model: Any) -> Any:
+    """The file the model is read from (a path, an entry point's .py file), or None."""
+    return model_file(model) if isinstance(model, (str, Path)) else None
 
 
 def _stem(model: LoadedModel) -> str:
+    if model.stem:
+        return model.stem
     return model.path.stem if model.path else model.architecture.lower()
 
 

@@ -60,7 +60,7 @@ class LoadedModel:
 
     module: Any  # torch.nn.Module (or a TorchScript module)
     path: Path | None
-    kind: str  # "spandrel" | "torchscript" | "pickle" | "module"
+    kind: str  # "spandrel" | "torchscript" | "pickle" | "module" | "entry_point"
     architecture: str  # e.g. "ESRGAN", or the class name
     input_channels: int
     output_channels: int | None = None
@@ -69,6 +69,8 @@ class LoadedModel:
     # What the loader knows of the inputs (spandrel's inpainting models take an image and
     # a mask; face restoration models a fixed size): () when only the module can tell.
     inputs: tuple[InputSpec, ...] = ()
+    # What output files are named after when not the file's stem (an entry point's NAME).
+    stem: str | None = None
 
 
 @dataclass(frozen=True)
