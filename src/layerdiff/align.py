@@ -30,7 +30,7 @@ import networkx as nx
 import numpy as np
 
 from .capture_onnx import OnnxGraph, OnnxNode
-from .records import Alignment, Pair, TorchCall, Unmatched
+from .records import Alignment, Pair, PairMethod, TorchCall, Unmatched
 
 # onnxruntime's saved optimised models hold its own fused ops (com.microsoft domain).
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
@@ -100,7 +100,7 @@ class _State:
         pair = self.pairs.get(call) if call is not None else None
         return pair.onnx_tensor if pair else None
 
-    def add(self, call: int, tensor: str, method: str, nodes: set[int]) -> bool:
+    def add(self, call: int, tensor: str, method: PairMethod, nodes: set[int]) -> bool:
         if (call in self.pairs or call in self.absent or tensor in self.claimed
                 or tensor in self.graph.constants):
             return False
@@ -110,9 +110,9 @@ class _State:
         if node is None:  # a graph input: nothing computed it
             return False
         ops = MODULE_OPS.get(self.calls[call].module_type)
-        if method == "structure" and ops is not None and node.op_type not in ops:
+        if method == PairMethod.STRUCTURE and ops is not None and node.op_type not in ops:
             return False  # a one-op module must land on its op
-        if method != "structure" or ops is not None:
+        if method != PairMethod.STRUCTURE or ops is not None:
             self.complete.add(call)
         self.pairs[call] = Pair(
             call=call, onnx_tensor=tensor, onnx_node=node.name, op_type=node.op_type,
@@ -237,12 +237,12 @@ def _match_by_scope(state: _State, scopes: dict[int, str | None]) -> None:
             # ONNX order is not call order (independent branches may be sorted either
             # way): which instance is which call is decided from data flow, below.
             state.reused.append(_Reused(path, list(by_call.values()), instances,
-                                        ["scope"] * len(instances)))
+                                        [PairMethod.SCOPE] * len(instances)))
             continue
         for returned, inst in zip(by_call.values(), instances):
             for call, outs in _scope_outputs(state, returned, inst):
                 if len(outs) == 1:
-                    state.add(call.index, outs[0], "scope", inst)
+                    state.add(call.index, outs[0], PairMethod.SCOPE, inst)
                 elif len(outs) > 1:
                     state.why_not[call.index] = (
                         f"{len(outs)} tensors leave its ONNX scope with its shape; not paired")
@@ -326,7 +326,7 @@ class _Reused:
     module: str
     groups: list[list[TorchCall]]
     candidates: list[set[int]]
-    methods: list[str]  # "scope" | "weights" | "weights~", one per candidate
+    methods: list[PairMethod]  # scope, weights or close weights, one per candidate
 
 
 SOLUTIONS_LIMIT = 64  # pairings of one reused module enumerated before giving up
@@ -371,7 +371,7 @@ def _pair_reused(state: _State, reused: _Reused) -> bool:
     free = [k for k in range(len(reused.candidates)) if k not in taken]
     cand_bits = {k: _bits(reused.candidates[k]) for k in free}
     cand_up = {k: up.of(reused.candidates[k]) for k in free}
-    kind = "instances" if "scope" in reused.methods else "nodes holding its weights"
+    kind = "instances" if PairMethod.SCOPE in reused.methods else "nodes holding its weights"
     label = f"called {len(reused.groups)} times"
     if len(free) < len(open_groups):
         for call in (c for g in open_groups for c in g if c.alias_of is None):
@@ -421,7 +421,7 @@ def _fit(state: _State, reused: _Reused, group: list[TorchCall],
          k: int) -> list[tuple[TorchCall, list[str]]] | None:
     """The tensors each call of ``group`` could take in candidate ``k`` (None: none fits)."""
     graph, nodes = state.graph, reused.candidates[k]
-    if reused.methods[k] == "scope":
+    if reused.methods[k] == PairMethod.SCOPE:
         found = _scope_outputs(state, group, nodes)
     else:  # one weighted node (and its bias Add): the output is the last of them
         tensor = graph.nodes[max(nodes)].outputs[0]
@@ -548,7 +548,7 @@ def _match_by_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]
         for node in nodes_by_weight.get(digest, ()):
             if node.index in used:
                 continue
-            if _add_weighted(state, call, node, parameters, "weights"):
+            if _add_weighted(state, call, node, parameters, PairMethod.WEIGHTS):
                 used.add(node.index)
                 break
     reused = {module for module, calls in calls_of.items() if len(calls) > 1}
@@ -569,7 +569,7 @@ def _match_reused_weights(state: _State, parameters: dict[int, dict[str, np.ndar
         if len(calls) < 2 or not groups or weight is None or len(owners[_digest(weight)]) > 1:
             continue
         found = _weight_candidates(graph, weight, used)
-        exact = [(node, method) for node, method in found if method == "weights"]
+        exact = [(node, method) for node, method in found if method == PairMethod.WEIGHTS]
         if len(exact) >= len(groups):  # a close one would only add doubt
             found = exact
         if not found:
@@ -600,15 +600,15 @@ def _weight_candidates(graph: OnnxGraph, weight: np.ndarray,
         if onnx_weight.shape != weight.shape:
             continue
         if np.array_equal(onnx_weight, weight):
-            found.append((node, "weights"))
+            found.append((node, PairMethod.WEIGHTS))
         elif (weight.ndim >= 2 and node.op_type in WEIGHTED_OPS
               and _channel_similarity(weight, onnx_weight) >= CLOSE_COSINE):
-            found.append((node, "weights~"))
+            found.append((node, PairMethod.CLOSE_WEIGHTS))
     return found
 
 
 def _add_weighted(state: _State, call: TorchCall, node: OnnxNode,
-                  parameters: dict[int, dict[str, np.ndarray]], method: str) -> bool:
+                  parameters: dict[int, dict[str, np.ndarray]], method: PairMethod) -> bool:
     tensor = _with_bias(state.graph, node, parameters[call.index].get("bias"))
     return state.add(call.index, tensor, method, {node.index, state.graph.producer[tensor]})
 
@@ -648,7 +648,7 @@ def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.nd
         if len(scored) > 1 and scored[0][0] - scored[1][0] < CLOSE_MARGIN:
             state.why_not[call.index] = "several ONNX layers have nearly its weights; not paired"
             continue
-        if _add_weighted(state, call, scored[0][1], parameters, "weights~"):
+        if _add_weighted(state, call, scored[0][1], parameters, PairMethod.CLOSE_WEIGHTS):
             used.add(scored[0][1].index)
 
 
@@ -765,7 +765,7 @@ def _changed_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]
     for call_index, pair in state.pairs.items():
         node = state.graph.node_of(pair.onnx_tensor) if pair.op_type in WEIGHTED_OPS else None
         weight = parameters.get(call_index, {}).get("weight")
-        if node is None or weight is None or len(node.inputs) < 2 or pair.method == "fused":
+        if node is None or weight is None or len(node.inputs) < 2 or pair.method == PairMethod.FUSED:
             continue
         onnx_weight = state.graph.constants.get(node.inputs[1])
         if onnx_weight is None or onnx_weight.shape != weight.shape or np.array_equal(onnx_weight, weight):
@@ -788,7 +788,7 @@ def _fold_into(state: _State, call_index: int, node: OnnxNode, source: tuple[int
     state.absent.add(call_index)
     holder = "the model" if owner < 0 else state.calls[owner].label
     consumer = owner >= 0 and {state.real(p) for p in state.calls[owner].producers} == {call_index}
-    if consumer and state.add(owner, tensor, "fused", nodes):
+    if consumer and state.add(owner, tensor, PairMethod.FUSED, nodes):
         state.why_not[call_index] = f"fused into ONNX node '{node.name}' with {holder}"
         return
     state.why_not[call_index] = (
@@ -823,7 +823,7 @@ def _pair_fused_activations(state: _State) -> None:
             continue
         nodes = state.instance.get(layer, set())
         _unpair(state, layer)
-        if state.add(call.index, pair.onnx_tensor, "fused", nodes):
+        if state.add(call.index, pair.onnx_tensor, PairMethod.FUSED, nodes):
             state.why_not[layer] = f"fused into ONNX node '{node.name}' with {call.label}"
 
 
@@ -854,7 +854,7 @@ def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.nda
             continue
         nodes = state.instance.get(conv, set())
         _unpair(state, conv)
-        if state.add(call.index, pair.onnx_tensor, "fused", nodes):
+        if state.add(call.index, pair.onnx_tensor, PairMethod.FUSED, nodes):
             state.why_not[conv] = f"fused into ONNX node '{node.name}' with {state.calls[call.index].label}"
 
 
@@ -894,7 +894,7 @@ def _follow_data_flow(state: _State) -> bool:
                            and _shape_fits(graph.shapes.get(t), state.calls[unpaired[0]].shape)]
                 if len(fitting) == 1:
                     progress |= state.add(unpaired[0], _before_pass_through(graph, fitting[0]),
-                                          "structure", set())
+                                          PairMethod.STRUCTURE, set())
             continue
         if call.index in state.pairs:
             continue
@@ -910,7 +910,7 @@ def _follow_data_flow(state: _State) -> bool:
                       and graph.nodes[i].outputs[0] not in state.claimed]
         if len(candidates) == 1:
             node = candidates[0]
-            progress |= state.add(call.index, node.outputs[0], "structure", {node.index})
+            progress |= state.add(call.index, node.outputs[0], PairMethod.STRUCTURE, {node.index})
     return progress
 
 
@@ -975,7 +975,7 @@ def misfit(pair: Pair, calls: list[TorchCall], value: np.ndarray | None,
     shape = calls[pair.call].shape
     if value is None or value.shape == shape:
         return None
-    if pair.method == "structure":
+    if pair.method == PairMethod.STRUCTURE:
         return Unmatched(calls[pair.call].label,
                          f"the tensor it was paired with by structure has shape "
                          f"{tuple(value.shape)}; not paired")

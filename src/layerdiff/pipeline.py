@@ -26,8 +26,9 @@ from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
 from .loading import from_module, load_model
 from .records import (
-    Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, LayerResult, LoadedModel,
-    OnnxSource, OutputResult, RandomOp, Settings, TorchCall,
+    Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, Facts, FirstDivergence, LayerResult,
+    LayerStatus, LoadedModel, OnnxSource, OutputResult, RandomOp, Settings, Side, TorchCall,
+    Verdict,
 )
 from .rules import suggest
 from .run_case import CaseRun as _Case, CaseRunner
@@ -243,13 +244,13 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         except capture_onnx.OnnxLoadError as exc:
             if number == 0:
                 return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
-            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), "skipped", case.kind,
-                                      note=f"onnxruntime cannot run it: {exc.message}"))
+            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), CaseVerdict.SKIPPED,
+                                      case.kind, note=f"onnxruntime cannot run it: {exc.message}"))
         except LayerdiffError as exc:
-            if number == 0 or case.kind == "file":
+            if number == 0 or case.kind == CaseKind.FILE:
                 raise
-            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), "skipped", case.kind,
-                                      note=f"PyTorch itself fails here: {exc.message}"))
+            skipped.append(CaseResult(case.label, tuple(case.tensor.shape), CaseVerdict.SKIPPED,
+                                      case.kind, note=f"PyTorch itself fails here: {exc.message}"))
     main = results[0]
 
     layers = _worst_layers(results)
@@ -269,12 +270,12 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         onnx_input_shape=tuple(graph.inputs[0][2]) if graph.inputs else (),
         ort_optimisation_level=ort_level,
         # A plain run draws other random numbers: it would measure the draws, not fusions.
-        instrumentation_delta=(None if any(r.side == "onnx" for r in random_ops)
+        instrumentation_delta=(None if any(r.side == Side.ONNX for r in random_ops)
                                else runner.instrumentation_delta(main)),
         export_size=export_size,
         segments=len(main.plan),
     )
-    if verdict == "diverged" and ort_level != "disable" and first_case is not None \
+    if verdict == Verdict.DIVERGED and ort_level != "disable" and first_case is not None \
             and first_case.failure is None:
         say("re-running with onnxruntime graph optimisations off")
         vanishes = runner.passes_unoptimised(first_case)
@@ -367,7 +368,8 @@ def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
 
 # A measured result outranks an unmeasured one: "not_run" (onnxruntime failed before
 # the layer on some input) never hides how the layer did where it ran.
-_SEVERITY = {"fail": 3, "propagated": 2, "pass": 1, "ignored": 1, "not_run": 0}
+_SEVERITY = {LayerStatus.FAIL: 3, LayerStatus.PROPAGATED: 2, LayerStatus.PASS: 1,
+             LayerStatus.IGNORED: 1, LayerStatus.NOT_RUN: 0}
 
 
 def _normalised_error(layer: LayerResult) -> float:
@@ -417,7 +419,7 @@ def _first_divergence(results: list[_Case]) -> tuple[FirstDivergence | None, _Ca
 
 def _position(case: _Case) -> int:
     first = case.first
-    layer = next((l for l in case.layers if l.module == first.module and l.status == "fail"), None)
+    layer = next((l for l in case.layers if l.module == first.module and l.status == LayerStatus.FAIL), None)
     if layer is not None:
         return layer.order
     return next((p.order for p in case.alignment.pairs if p.onnx_node == first.onnx_node), 10**9)
@@ -433,7 +435,7 @@ def _first_pair(case: _Case):
     first = case.first
     if first is None or first.kind not in repro.KINDS:
         return None
-    layer = next((l for l in case.layers if l.module == first.module and l.status == "fail"), None)
+    layer = next((l for l in case.layers if l.module == first.module and l.status == LayerStatus.FAIL), None)
     if layer is None:
         return None
     return next((p for p in case.alignment.pairs if p.onnx_tensor == layer.onnx_tensor
@@ -533,8 +535,8 @@ def _sizes(check_sizes, shape: tuple[int, ...], graph: capture_onnx.OnnxGraph):
 
 
 def _random_ops(case: _Case, graph: capture_onnx.OnnxGraph) -> tuple[RandomOp, ...]:
-    return (tuple(RandomOp("torch", where, op) for where, op in case.random_ops)
-            + tuple(RandomOp("onnx", n.name, n.op_type) for n in capture_onnx.random_nodes(graph)))
+    return (tuple(RandomOp(Side.TORCH, where, op) for where, op in case.random_ops)
+            + tuple(RandomOp(Side.ONNX, n.name, n.op_type) for n in capture_onnx.random_nodes(graph)))
 
 
 def _training_nodes(graph: capture_onnx.OnnxGraph) -> tuple[str, ...]:
@@ -597,7 +599,7 @@ def _fp16_facts(facts: Facts, main: _Case, graph, fp32_path: Path | None, fix_pa
 def _error_diagnosis(model: LoadedModel, source: OnnxSource, settings: Settings,
                      message: str, hint: str) -> Diagnosis:
     diagnosis = Diagnosis(
-        verdict="error", summary=f"{message}. {hint}".strip(), model=model, onnx=source,
+        verdict=Verdict.ERROR, summary=f"{message}. {hint}".strip(), model=model, onnx=source,
         settings=settings, versions=versions(), error=message,
     )
     # Rules may still explain why the file cannot load (an op missing at this opset).

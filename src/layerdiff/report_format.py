@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import Diagnosis, FirstDivergence, LayerResult, Metrics
+from .records import Diagnosis, FirstDivergence, LayerResult, LayerStatus, Metrics
 
 
 # =========================================================================== numbers
@@ -144,21 +144,12 @@ def _layer_index(d: Diagnosis, fd: FirstDivergence | None) -> int | None:
 
 
 STATUS_LABELS = {
-    "pass": "pass",
-    "fail": "fail",
-    "propagated": "propagated",
-    "ignored": "ignored",
-    "not_run": "not run",
+    LayerStatus.PASS: "pass",
+    LayerStatus.FAIL: "fail",
+    LayerStatus.PROPAGATED: "propagated",
+    LayerStatus.IGNORED: "ignored",
+    LayerStatus.NOT_RUN: "not run",
 }
-
-
-def _status_of(r: LayerResult) -> str:
-    """The layer's status; derived from its metrics for records that carry none."""
-    if r.status:
-        return r.status
-    if r.metrics is None:
-        return "not_run"
-    return "pass" if r.metrics.passed else "fail"
 
 
 def _normalised(m: Metrics | None) -> float | None:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, Suggestion, Verdict
 from . import Rule
 from ._helpers import where
 
@@ -21,7 +21,7 @@ TITLE = "The ONNX file has no module names"
 
 def check(d: Diagnosis) -> Suggestion | None:
     a = d.alignment
-    if a is None or a.has_scopes or d.verdict == "pass":
+    if a is None or a.has_scopes or d.verdict == Verdict.PASS:
         return None
     coverage = a.coverage()
     fused = [u for u in a.unmatched_torch if u.reason.startswith("fused into")]
