@@ -59,3 +59,27 @@ def test_json_holds_plain_strings(make):
     assert type(j["first_divergence"]["kind"]) is str
     assert j["first_divergence"]["kind"] in {k.value for k in DivergenceKind}
     assert type(j["model"]["kind"]) is str and type(j["onnx"]["exporter"]) is str
+
+
+def test_coverage_counts_fused_by_field_not_wording():
+    from layerdiff.records import Alignment, Unmatched
+
+    alignment = Alignment(pairs=(), aliases=(), has_scopes=True, unmatched_onnx=(),
+                          unmatched_torch=(Unmatched("act", "merged with conv", fused_into="/Conv"),
+                                           Unmatched("crop", "fused into nothing: a reworded reason")))
+    coverage = alignment.coverage()
+    assert coverage["fused"] == 0.5 and coverage["unmatched"] == 0.5
+
+
+def test_nonfinite_difference_is_a_field():
+    import numpy as np
+
+    from layerdiff.compare import compare
+
+    ref = np.zeros(8, dtype=np.float32)
+    cand = ref.copy()
+    cand[3] = np.nan
+    assert compare(ref, cand, rtol=1e-3, atol=1e-5).nonfinite_differs
+    assert not compare(ref, ref, rtol=1e-3, atol=1e-5).nonfinite_differs
+    ref[3] = np.nan  # in the same place on both sides: not a difference
+    assert not compare(ref, cand, rtol=1e-3, atol=1e-5).nonfinite_differs

@@ -255,7 +255,8 @@ def make_diverged(*, masked: bool = False) -> Diagnosis:
         pairs=(),
         aliases=((len(calls) - 1, len(calls) - 2), (3, -1)),
         unmatched_torch=(
-            Unmatched("body.0.rdb.lrelu1", "fused into the preceding Conv by the exporter"),
+            Unmatched("body.0.rdb.lrelu1", "fused into the preceding Conv by the exporter",
+                      fused_into="/body.0/rdb/conv1/Conv"),
             Unmatched("body.2.rdb", "returns a tuple; no single ONNX tensor holds it"),
         ),
         unmatched_onnx=(Unmatched("/Add_3_output_0", "made by a functional op between modules (x + res)"),),

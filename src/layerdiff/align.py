@@ -69,7 +69,8 @@ class _State:
     # modules): only their inputs can be attributed to their producers.
     complete: set[int] = field(default_factory=set)
     claimed: dict[str, int] = field(default_factory=dict)  # tensor -> call
-    why_not: dict[int, str] = field(default_factory=dict)
+    why_not: dict[int, str] = field(default_factory=dict)  # see not_paired
+    fused_into: dict[int, str] = field(default_factory=dict)
     # Calls whose own output is known to be absent from the file (weights folded with a
     # later factor): no later matcher may pair them with a guess.
     absent: set[int] = field(default_factory=set)
@@ -99,6 +100,15 @@ class _State:
             return self.input_tensor
         pair = self.pairs.get(call) if call is not None else None
         return pair.onnx_tensor if pair else None
+
+    def not_paired(self, call: int, reason: str, fused_into: str | None = None) -> None:
+        """Say why ``call`` has no tensor of its own: ``reason`` in words and, when it was
+        fused with a neighbour, the ONNX node they share."""
+        self.why_not[call] = reason
+        if fused_into is None:
+            self.fused_into.pop(call, None)
+        else:
+            self.fused_into[call] = fused_into
 
     def add(self, call: int, tensor: str, method: PairMethod, nodes: set[int]) -> bool:
         if (call in self.pairs or call in self.absent or tensor in self.claimed
@@ -146,7 +156,8 @@ def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
     aliases = tuple((c.index, state.real(c.index)) for c in calls
                     if c.alias_of is not None and state.real(c.index) is not None)
     unmatched_torch = tuple(
-        Unmatched(c.label, state.why_not.get(c.index, _default_reason(c, has_scopes)))
+        Unmatched(c.label, state.why_not.get(c.index, _default_reason(c, has_scopes)),
+                  fused_into=state.fused_into.get(c.index))
         for c in calls if c.alias_of is None and c.index not in state.pairs
     )
     return Alignment(
@@ -230,8 +241,8 @@ def _match_by_scope(state: _State, scopes: dict[int, str | None]) -> None:
         instances = _instances(graph, nodes, len(by_call))
         if instances is None:
             for call in (c for cs in by_call.values() for c in cs):
-                state.why_not[call.index] = (
-                    f"its ONNX nodes do not split into {len(by_call)} calls; not paired")
+                state.not_paired(
+                    call.index, f"its ONNX nodes do not split into {len(by_call)} calls; not paired")
             continue
         if len(by_call) > 1:
             # ONNX order is not call order (independent branches may be sorted either
@@ -244,8 +255,8 @@ def _match_by_scope(state: _State, scopes: dict[int, str | None]) -> None:
                 if len(outs) == 1:
                     state.add(call.index, outs[0], PairMethod.SCOPE, inst)
                 elif len(outs) > 1:
-                    state.why_not[call.index] = (
-                        f"{len(outs)} tensors leave its ONNX scope with its shape; not paired")
+                    state.not_paired(
+                        call.index, f"{len(outs)} tensors leave its ONNX scope with its shape; not paired")
     _retry_reused(state)
 
 
@@ -375,7 +386,7 @@ def _pair_reused(state: _State, reused: _Reused) -> bool:
     label = f"called {len(reused.groups)} times"
     if len(free) < len(open_groups):
         for call in (c for g in open_groups for c in g if c.alias_of is None):
-            state.why_not[call.index] = (f"{label}, with {len(free)} ONNX {kind} left for "
+            state.not_paired(call.index, f"{label}, with {len(free)} ONNX {kind} left for "
                                          f"{len(open_groups)} calls; not paired")
         return False
     fits = {(j, k): _fit(state, reused, group, k) for j, group in enumerate(open_groups) for k in free}
@@ -400,8 +411,8 @@ def _pair_reused(state: _State, reused: _Reused) -> bool:
                     progress |= state.add(call.index, tensors[0], reused.methods[k],
                                           reused.candidates[k])
                 elif len(tensors) > 1:
-                    state.why_not[call.index] = (
-                        f"{len(tensors)} tensors leave its ONNX scope with its shape; not paired")
+                    state.not_paired(
+                        call.index, f"{len(tensors)} tensors leave its ONNX scope with its shape; not paired")
             continue
         if solutions is None:
             reason = f"{label}: too many ways to pair its calls with its ONNX {kind}; not paired"
@@ -413,7 +424,7 @@ def _pair_reused(state: _State, reused: _Reused) -> bool:
                       "not paired")
         for call in group:
             if call.alias_of is None and call.index not in state.pairs:
-                state.why_not[call.index] = reason
+                state.not_paired(call.index, reason)
     return progress
 
 
@@ -646,7 +657,7 @@ def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.nd
         if not scored or scored[0][0] < CLOSE_COSINE:
             continue
         if len(scored) > 1 and scored[0][0] - scored[1][0] < CLOSE_MARGIN:
-            state.why_not[call.index] = "several ONNX layers have nearly its weights; not paired"
+            state.not_paired(call.index, "several ONNX layers have nearly its weights; not paired")
             continue
         if _add_weighted(state, call, scored[0][1], parameters, PairMethod.CLOSE_WEIGHTS):
             used.add(scored[0][1].index)
@@ -753,9 +764,9 @@ def _check_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) 
         elif np.allclose(known, known[0], rtol=1e-3):
             _unpair(state, call_index)
             state.absent.add(call_index)
-            state.why_not[call_index] = (
-                f"its weights in '{node.name}' are its own times {known[0]:.3g}: a following "
-                "multiplication was folded into it, so its own output is not in the file")
+            state.not_paired(
+                call_index, f"its weights in '{node.name}' are its own times {known[0]:.3g}: a "
+                "following multiplication was folded into it, so its own output is not in the file")
 
 
 def _changed_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> tuple[int, ...]:
@@ -789,12 +800,13 @@ def _fold_into(state: _State, call_index: int, node: OnnxNode, source: tuple[int
     holder = "the model" if owner < 0 else state.calls[owner].label
     consumer = owner >= 0 and {state.real(p) for p in state.calls[owner].producers} == {call_index}
     if consumer and state.add(owner, tensor, PairMethod.FUSED, nodes):
-        state.why_not[call_index] = f"fused into ONNX node '{node.name}' with {holder}"
+        state.not_paired(call_index, f"fused into ONNX node '{node.name}' with {holder}",
+                         fused_into=node.name)
         return
-    state.why_not[call_index] = (
-        f"weights folded with a per-channel factor: its weights in '{node.name}' are its own "
-        f"times {holder}'s '{name}' (a following multiplication folded into it), so its own "
-        "output is not in the file")
+    state.not_paired(
+        call_index, f"weights folded with a per-channel factor: its weights in '{node.name}' are "
+        f"its own times {holder}'s '{name}' (a following multiplication folded into it), so its "
+        "own output is not in the file")
 
 
 def _unpair(state: _State, call_index: int) -> None:
@@ -824,7 +836,8 @@ def _pair_fused_activations(state: _State) -> None:
         nodes = state.instance.get(layer, set())
         _unpair(state, layer)
         if state.add(call.index, pair.onnx_tensor, PairMethod.FUSED, nodes):
-            state.why_not[layer] = f"fused into ONNX node '{node.name}' with {call.label}"
+            state.not_paired(layer, f"fused into ONNX node '{node.name}' with {call.label}",
+                             fused_into=node.name)
 
 
 def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
@@ -855,7 +868,8 @@ def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.nda
         nodes = state.instance.get(conv, set())
         _unpair(state, conv)
         if state.add(call.index, pair.onnx_tensor, PairMethod.FUSED, nodes):
-            state.why_not[conv] = f"fused into ONNX node '{node.name}' with {state.calls[call.index].label}"
+            state.not_paired(conv, f"fused into ONNX node '{node.name}' with "
+                             f"{state.calls[call.index].label}", fused_into=node.name)
 
 
 def _with_bias(graph: OnnxGraph, node: OnnxNode, bias: np.ndarray | None) -> str:

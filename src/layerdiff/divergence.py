@@ -143,7 +143,7 @@ def _numeric(layer: LayerResult, layers, graph, alignment, calls) -> FirstDiverg
                     "the whole graph (an onnxruntime fusion across layers, say)")
     if metrics.shape_torch != metrics.shape_onnx:
         kind = DivergenceKind.SHAPE_MISMATCH
-    elif metrics.reason.startswith("NaN/Inf"):
+    elif metrics.nonfinite_differs:
         kind = DivergenceKind.NONFINITE
     else:
         kind = DivergenceKind.NUMERIC

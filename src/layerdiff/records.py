@@ -205,7 +205,10 @@ class Pair:
 @dataclass(frozen=True)
 class Unmatched:
     name: str
-    reason: str
+    reason: str  # why, in words
+    # The ONNX node it shares with a neighbour it was fused with (a Conv and the activation
+    # after it), when that is why it has no tensor of its own.
+    fused_into: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,7 @@ class Alignment:
     def coverage(self) -> dict[str, float | int]:
         """How much of the PyTorch model was compared: shares of module calls that
         produce a tensor of their own (aliases share one and are not counted)."""
-        fused = sum(1 for u in self.unmatched_torch if u.reason.startswith("fused into"))
+        fused = sum(1 for u in self.unmatched_torch if u.fused_into is not None)
         total = len(self.pairs) + len(self.unmatched_torch)
         share = (lambda n: n / total) if total else (lambda n: 0.0)
         return {"modules": total, "compared": share(len(self.pairs)), "fused": share(fused),
@@ -250,6 +253,7 @@ class Metrics:
     nan_onnx: int = 0
     inf_torch: int = 0
     inf_onnx: int = 0
+    nonfinite_differs: bool = False  # NaN / Inf are not in the same places on both sides
     passed: bool = True
     reason: str = ""  # why it failed, in words; "" when it passed
 

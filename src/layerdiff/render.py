@@ -550,7 +550,7 @@ def _unpaired_rows(d: Diagnosis) -> list[dict[str, Any]]:
     rows = []
     for u in d.alignment.unmatched_torch:
         call = by_label.get(u.name)
-        fused = u.reason.startswith("fused into")
+        fused = u.fused_into is not None
         rows.append({
             "name": u.name, "reason": u.reason,
             "module_type": call.module_type if call else "",

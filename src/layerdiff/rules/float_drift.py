@@ -105,7 +105,7 @@ def check(d: Diagnosis) -> Suggestion | None:
     drifting = [l for l in counted if l.status == LayerStatus.PROPAGATED]
     if not drifting:
         return None
-    if any(m.shape_torch != m.shape_onnx or m.reason.startswith("NaN/Inf")
+    if any(m.shape_torch != m.shape_onnx or m.nonfinite_differs
            for _, m, _ in _tensors(d) if not m.passed):
         return None
 

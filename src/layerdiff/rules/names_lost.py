@@ -24,8 +24,8 @@ def check(d: Diagnosis) -> Suggestion | None:
     if a is None or a.has_scopes or d.verdict == Verdict.PASS:
         return None
     coverage = a.coverage()
-    fused = [u for u in a.unmatched_torch if u.reason.startswith("fused into")]
-    unpaired = [u for u in a.unmatched_torch if not u.reason.startswith("fused into")]
+    fused = [u for u in a.unmatched_torch if u.fused_into is not None]
+    unpaired = [u for u in a.unmatched_torch if u.fused_into is None]
     methods = ", ".join(f"{n} by {m}" for m, n in coverage["by_method"].items())
     detail = (f"The ONNX nodes carry no module names, so layerdiff paired the "
               f"{coverage['modules']} module calls with ONNX tensors by parameter values and "
