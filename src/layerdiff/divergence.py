@@ -123,16 +123,17 @@ def first_divergence(
     calls: Sequence[TorchCall],
     failure: RuntimeFailure | None,
 ) -> FirstDivergence | None:
-    failing = next((l for l in layers if l.status == LayerStatus.FAIL), None)
+    failing = next((i for i, l in enumerate(layers) if l.status == LayerStatus.FAIL), None)
     failed_node = next((n for n in graph.nodes if failure and n.name == failure.node), None)
-    if failing is not None and (failed_node is None or failing.order < failed_node.index):
+    if failing is not None and (failed_node is None or layers[failing].order < failed_node.index):
         return _numeric(failing, layers, graph, alignment, calls)
     if failure is not None:
         return _runtime(failure, failed_node, layers, graph, alignment, calls)
     return None
 
 
-def _numeric(layer: LayerResult, layers, graph, alignment, calls) -> FirstDivergence:
+def _numeric(index: int, layers, graph, alignment, calls) -> FirstDivergence:
+    layer = layers[index]
     metrics: Metrics = layer.metrics  # type: ignore[assignment]
     message = metrics.reason
     if layer.local is not None and not layer.local.passed:
@@ -151,19 +152,20 @@ def _numeric(layer: LayerResult, layers, graph, alignment, calls) -> FirstDiverg
     region = _region(graph, graph.producer[layer.onnx_tensor], alignment)
     return FirstDivergence(
         module=layer.module, onnx_node=layer.onnx_node, op_type=layer.op_type, kind=kind,
-        max_abs=metrics.max_abs, message=message, region=region,
+        max_abs=metrics.max_abs, message=message, layer=index, region=region,
         module_type=layer.module_type, torch_attrs=dict(call.attrs) if call else {},
         downstream_of_ignored=_ignored_failing_ancestors(layer, layers, graph),
     )
 
 
 def _runtime(failure, node, layers, graph, alignment, calls) -> FirstDivergence:
-    module, module_type, attrs = "", "", {}
+    module, module_type, attrs, index = "", "", {}, None
     if node is not None:
         # The module whose output is the first aligned tensor computed from the failing node.
         tainted = graph.descendants(node.index)
-        owner = next((l for l in layers if l.onnx_tensor in tainted), None)
-        if owner is not None:
+        index = next((i for i, l in enumerate(layers) if l.onnx_tensor in tainted), None)
+        if index is not None:
+            owner = layers[index]
             module, module_type = owner.module, owner.module_type
             call = _call_for(owner.module, calls)
             attrs = dict(call.attrs) if call else {}
@@ -171,7 +173,7 @@ def _runtime(failure, node, layers, graph, alignment, calls) -> FirstDivergence:
     summary = failure.message.strip().splitlines()[0] if failure.message.strip() else "failed"
     return FirstDivergence(
         module=module, onnx_node=failure.node, op_type=failure.op_type or (node.op_type if node else ""),
-        kind=DivergenceKind.RUNTIME_ERROR, max_abs=None, message=summary, region=region,
+        kind=DivergenceKind.RUNTIME_ERROR, max_abs=None, message=summary, layer=index, region=region,
         module_type=module_type, torch_attrs=attrs,
     )
 
@@ -258,7 +260,7 @@ def summarise(verdict_: Verdict, layers: Sequence[LayerResult], outputs: Sequenc
     elif first is not None:
         causes = sum(1 for l in counted if l.status == LayerStatus.FAIL)
         carried = sum(1 for l in counted if l.status == LayerStatus.PROPAGATED)
-        metrics = next(l.metrics for l in layers if l.module == first.module)
+        metrics = layers[first.layer].metrics
         rel = metrics.max_abs / metrics.scale if metrics and metrics.scale else float("nan")
         how = (f"{first.message}" if first.kind in (DivergenceKind.SHAPE_MISMATCH, DivergenceKind.NONFINITE)
                else f"max error {first.max_abs:.3g}, {rel:.1%} of that layer's range")

@@ -26,9 +26,9 @@ from .errors import LayerdiffError, UsageError
 from .exporting import describe_onnx, export_onnx
 from .loading import from_module, load_model
 from .records import (
-    Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, Facts, FirstDivergence, LayerResult,
-    LayerStatus, LoadedModel, OnnxSource, OutputResult, RandomOp, Settings, Side, TorchCall,
-    Verdict,
+    Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, DivergenceKind, Facts,
+    FirstDivergence, LayerResult, LayerStatus, LoadedModel, OnnxSource, OutputResult, RandomOp,
+    Settings, Side, TorchCall, Verdict,
 )
 from .rules import suggest
 from .run_case import CaseRun as _Case, CaseRunner
@@ -255,7 +255,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
 
     layers = _worst_layers(results)
     outputs = _worst_outputs(results)
-    first, first_case = _first_divergence(results)
+    first, first_case = _first_divergence(results, layers)
     verdict, masked = judge.verdict(layers, outputs, first)
     # An input on which onnxruntime failed produced no output: nothing is masked there.
     masked = masked and all(r.final_outputs is not None for r in results)
@@ -402,8 +402,10 @@ def _worst_outputs(results: list[_Case]) -> list[OutputResult]:
     return list(by_name.values())
 
 
-def _first_divergence(results: list[_Case]) -> tuple[FirstDivergence | None, _Case | None]:
-    """The earliest first divergence over all inputs (execution order), with its input."""
+def _first_divergence(results: list[_Case], layers: list[LayerResult]
+                      ) -> tuple[FirstDivergence | None, _Case | None]:
+    """The earliest first divergence over all inputs (execution order), with its input;
+    its ``layer`` is its row in ``layers``, the inputs combined (_worst_layers)."""
     best: tuple[int, FirstDivergence, _Case] | None = None
     for case in results:
         if case.first is None:
@@ -414,14 +416,20 @@ def _first_divergence(results: list[_Case]) -> tuple[FirstDivergence | None, _Ca
     if best is None:
         return None, None
     _, first, case = best
-    return (replace(first, case=case.label) if len(results) > 1 else first), case
+    if len(results) == 1:
+        return first, case
+    row = None
+    if first.layer is not None:
+        mine = case.layers[first.layer]
+        row = next(i for i, l in enumerate(layers)
+                   if (l.module, l.onnx_tensor) == (mine.module, mine.onnx_tensor))
+    return replace(first, case=case.label, layer=row), case
 
 
 def _position(case: _Case) -> int:
     first = case.first
-    layer = next((l for l in case.layers if l.module == first.module and l.status == LayerStatus.FAIL), None)
-    if layer is not None:
-        return layer.order
+    if first.kind != DivergenceKind.RUNTIME_ERROR:  # a failing layer
+        return case.layers[first.layer].order
     return next((p.order for p in case.alignment.pairs if p.onnx_node == first.onnx_node), 10**9)
 
 
@@ -435,11 +443,7 @@ def _first_pair(case: _Case):
     first = case.first
     if first is None or first.kind not in repro.KINDS:
         return None
-    layer = next((l for l in case.layers if l.module == first.module and l.status == LayerStatus.FAIL), None)
-    if layer is None:
-        return None
-    return next((p for p in case.alignment.pairs if p.onnx_tensor == layer.onnx_tensor
-                 and case.calls[p.call].label == layer.module), None)
+    return case.alignment.pairs[first.layer]  # one layer per pair, in the same order
 
 
 def _previews(case: _Case) -> dict[str, np.ndarray]:

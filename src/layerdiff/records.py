@@ -357,6 +357,10 @@ class FirstDivergence:
     kind: DivergenceKind
     max_abs: float | None
     message: str
+    # Its row in the layer list of the Diagnosis (or input) it belongs to: the failing
+    # layer, or for a runtime error the first layer computed from the failing node; None
+    # when no aligned layer is.
+    layer: int | None
     # ONNX nodes that computed this tensor from passing, aligned inputs: the suspects.
     region: tuple[OnnxNodeInfo, ...] = ()
     module_type: str = ""

@@ -40,7 +40,6 @@ from .report_format import (
     STATUS_LABELS,
     _fd_layer,
     _finite_or_none,
-    _layer_index,
     _normalised,
     fmt_cos,
     fmt_num,
@@ -200,7 +199,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
     serialised.
     """
     fd = d.first_divergence
-    fd_index = _layer_index(d, fd)
+    fd_index = None if fd is None else fd.layer
 
     outputs = []
     for o in d.outputs:
@@ -244,6 +243,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             "kind": fd.kind.value,
             "max_abs": _finite_or_none(fd.max_abs),
             "message": fd.message,
+            "layer": fd_index,
             "layer_index": fd_index,
             "region": [
                 {"name": n.name, "op_type": n.op_type, "attrs": _plain(n.attrs)}
@@ -698,10 +698,10 @@ def _fp16(d: Diagnosis) -> dict[str, Any] | None:
 
 def _context(d: Diagnosis) -> dict[str, Any]:
     fd = d.first_divergence
-    fd_index = _layer_index(d, fd)
+    fd_index = None if fd is None else fd.layer
     rows = _layer_rows(d, fd_index)
     counts = layer_counts(d)
-    fd_layer = _fd_layer(d, fd_index)
+    fd_layer = _fd_layer(d)
     # Drift: outputs off, nobody fails on its own (an ignored layer that does is a cause too).
     ignored_causes = any(r.ignored and (j := r.local or r.metrics) is not None and not j.passed
                          for r in d.layers)
@@ -844,7 +844,7 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
         where = fd.module + (f" ({fd.module_type})" if fd.module_type else "")
         lines.append(f"  first divergence: {c('1', where)}")
         bits = [f"ONNX node {fd.onnx_node}", f"op {fd.op_type}", f"kind {fd.kind}"]
-        row = _fd_layer(d, _layer_index(d, fd))
+        row = _fd_layer(d)
         own_total = ""
         if row is not None and row.local is not None and row.metrics is not None:
             on = f", on {row.case}" if row.case and fd.case and row.case != fd.case else ""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import Diagnosis, FirstDivergence, LayerResult, LayerStatus, Metrics
+from .records import Diagnosis, LayerResult, LayerStatus, Metrics
 
 
 # =========================================================================== numbers
@@ -127,22 +127,6 @@ def fmt_value(v: Any, limit: int = 160) -> str:
 # =========================================================================== status
 
 
-def _layer_index(d: Diagnosis, fd: FirstDivergence | None) -> int | None:
-    """Position in d.layers of the first divergence's row, if there is one."""
-    if fd is None:
-        return None
-    candidates = [i for i, r in enumerate(d.layers) if r.module == fd.module]
-    for i in candidates:
-        if d.layers[i].onnx_node == fd.onnx_node:
-            return i
-    if candidates:
-        return candidates[0]
-    for i, r in enumerate(d.layers):
-        if r.onnx_node == fd.onnx_node:
-            return i
-    return None
-
-
 STATUS_LABELS = {
     LayerStatus.PASS: "pass",
     LayerStatus.FAIL: "fail",
@@ -165,5 +149,7 @@ def _normalised(m: Metrics | None) -> float | None:
     return err / scale
 
 
-def _fd_layer(d: Diagnosis, fd_index: int | None) -> LayerResult | None:
-    return None if fd_index is None else d.layers[fd_index]
+def _fd_layer(d: Diagnosis) -> LayerResult | None:
+    """The first divergence's row in the layer table, if it has one."""
+    fd = d.first_divergence
+    return None if fd is None or fd.layer is None else d.layers[fd.layer]

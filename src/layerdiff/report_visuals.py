@@ -22,7 +22,6 @@ from .records import Diagnosis, FirstDivergence, LayerResult, LayerStatus, Metri
 from .report_format import (
     _fd_layer,
     _finite_or_none,
-    _layer_index,
     _normalised,
     fmt_num,
     fmt_pct,
@@ -592,7 +591,7 @@ def _hist_metrics(d: Diagnosis, name: str) -> Metrics | None:
     """The metrics whose tolerance applies to a preview called ``name``."""
     low = name.lower()
     if low.startswith("first divergence"):
-        row = _fd_layer(d, _layer_index(d, d.first_divergence))
+        row = _fd_layer(d)
         return None if row is None else row.metrics
     for o in d.outputs:
         if low.startswith("final output") or o.name in name:

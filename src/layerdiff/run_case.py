@@ -35,7 +35,7 @@ from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
 from .records import (
-    Alignment, CaseResult, FirstDivergence, LayerResult, LayerStatus, LoadedModel, Metrics,
+    Alignment, CaseResult, DivergenceKind, FirstDivergence, LayerResult, LoadedModel, Metrics,
     OutputResult, Referee, RefereeSide, Settings, TorchCall, Unmatched,
 )
 from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
@@ -164,12 +164,10 @@ class CaseRunner:
                          captured.training_modules, notes, plan=plan, noise=noise,
                          output_noise=output_noise, random_ops=captured.random_ops)
         first_onnx = None
-        if divergence is not None:
-            layer = next((l for l in layers if l.status == LayerStatus.FAIL
-                          and l.module == divergence.module), None)
-            if layer is not None:
-                first_onnx = next((second.values[role] for role, (_, t) in second.kept.items()
-                                   if t == layer.onnx_tensor), None)
+        if divergence is not None and divergence.kind != DivergenceKind.RUNTIME_ERROR:
+            layer = layers[divergence.layer]  # a failing layer
+            first_onnx = next((second.values[role] for role, (_, t) in second.kept.items()
+                               if t == layer.onnx_tensor), None)
         if second.values is not None:
             second.values.clear()
         if first_onnx is not None:

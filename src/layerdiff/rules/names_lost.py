@@ -37,7 +37,7 @@ def check(d: Diagnosis) -> Suggestion | None:
               + ".")
     first = d.first_divergence
     if first is not None and first.module:
-        method = next((l.method for l in d.layers if l.module == first.module), "")
+        method = d.layers[first.layer].method if first.layer is not None else ""
         detail += (f" The first divergence, {first.module}, was paired by {method}"
                    if method else f" The first divergence is reported at {first.module}")
         detail += ("; a fault inside a module that could not be paired shows at the next "

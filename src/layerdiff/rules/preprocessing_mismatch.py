@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, DivergenceKind, LayerStatus, Suggestion
+from ..records import Diagnosis, DivergenceKind, Suggestion
 from . import Rule
 from ._helpers import where
 
@@ -30,8 +30,8 @@ def check(d: Diagnosis) -> Suggestion | None:
     first = d.first_divergence
     if first is None or first.kind != DivergenceKind.NUMERIC or not first.region:
         return None
-    layer = next((l for l in d.layers if l.module == first.module and l.status == LayerStatus.FAIL), None)
-    if layer is None or any(l.order < layer.order for l in d.layers if not l.ignored):
+    layer = d.layers[first.layer]
+    if any(l.order < layer.order for l in d.layers if not l.ignored):
         return None
     pre = first.region[0]
     if pre.name == first.onnx_node:
