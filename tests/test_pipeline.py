@@ -277,3 +277,17 @@ def test_several_inputs_keep_each_layers_worst_case(exported, tmp_path):
     assert upsampler.case in {c.label for c in d.cases}
     worst = max(c.max_output_error for c in d.cases)
     assert d.outputs[0].metrics.max_abs == pytest.approx(worst)
+
+
+def test_first_divergence_carries_its_row_when_inputs_are_combined(exported, tmp_path):
+    # Two inputs: the layer list is each layer's worst, re-sorted; the index must point
+    # into that list, not into the input's own.
+    from layerdiff.render import to_json_dict
+
+    path, node = with_fault(exported("compact", "nameless"), faults.pixel_shuffle_dcr, tmp_path)
+    d = diagnose(make_model("compact"), path, input_shape=SHAPE, samples=2, check_sizes=())
+    first = d.first_divergence
+    assert len(d.cases) == 2 and first.onnx_node == node
+    row = d.layers[first.layer]
+    assert (row.module, row.onnx_node, row.status) == (first.module, node, "fail")
+    assert to_json_dict(d)["first_divergence"]["layer"] == first.layer

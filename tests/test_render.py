@@ -206,6 +206,7 @@ def make_diverged(*, masked: bool = False) -> Diagnosis:
         max_abs=0.0417,
         message="upsample (Upsample) differs from /upsample/Resize by up to 0.0417 "
         "(18.4% of elements outside tolerance); every input of the region passes.",
+        layer=next(i for i, l in enumerate(layers) if l.module == "upsample"),
         region=(
             OnnxNodeInfo("/upsample/Constant", "Constant", {"value": np.array([1.0, 1.0, 2.0, 2.0], dtype=np.float32)}),
             OnnxNodeInfo(
@@ -257,7 +258,8 @@ def make_diverged(*, masked: bool = False) -> Diagnosis:
         pairs=(),
         aliases=((len(calls) - 1, len(calls) - 2), (3, -1)),
         unmatched_torch=(
-            Unmatched("body.0.rdb.lrelu1", "fused into the preceding Conv by the exporter"),
+            Unmatched("body.0.rdb.lrelu1", "fused into the preceding Conv by the exporter",
+                      fused_into="/body.0/rdb/conv1/Conv"),
             Unmatched("body.2.rdb", "returns a tuple; no single ONNX tensor holds it"),
         ),
         unmatched_onnx=(Unmatched("/Add_3_output_0", "made by a functional op between modules (x + res)"),),
@@ -321,6 +323,7 @@ def make_runtime_error() -> Diagnosis:
         max_abs=None,
         message="[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. "
         "Name:'/conv_up1/Conv' Status Message: Invalid input shape: {1,64,128,128}\n  at onnxruntime::Conv",
+        layer=next(i for i, l in enumerate(layers) if l.module == "conv_up1"),
         module_type="Conv2d",
     )
     return dataclasses.replace(
@@ -680,7 +683,7 @@ def test_chart_edge_cases():
     # first divergence that matches no row: no marker, no link, no crash
     dv = make_diverged()
     dv = dataclasses.replace(dv, first_divergence=dataclasses.replace(dv.first_divergence, module="elsewhere",
-                                                                      onnx_node="/nowhere"))
+                                                                      onnx_node="/nowhere", layer=None))
     html = render.render_html(dv)
     assert 'class="fd-line"' not in html and "in the layer table" not in html
     assert render.to_json_dict(dv)["first_divergence"]["layer_index"] is None
@@ -968,7 +971,7 @@ CASES = (
 def make_rich(n_cases: int = 3) -> Diagnosis:
     """The diverged fixture with a float64 referee, several inputs, pairs, fp16 findings."""
     d = make_diverged()
-    fd_at = report_format._layer_index(d, d.first_divergence)
+    fd_at = d.first_divergence.layer
     layers = []
     for i, r in enumerate(d.layers):
         side = "onnx" if i == fd_at else "torch" if i == 1 else "noise"

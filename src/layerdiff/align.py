@@ -30,7 +30,7 @@ import networkx as nx
 import numpy as np
 
 from .capture_onnx import OnnxGraph, OnnxNode
-from .records import Alignment, Pair, TorchCall, Unmatched
+from .records import Alignment, Pair, PairMethod, TorchCall, Unmatched
 
 # onnxruntime's saved optimised models hold its own fused ops (com.microsoft domain).
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
@@ -69,7 +69,8 @@ class _State:
     # modules): only their inputs can be attributed to their producers.
     complete: set[int] = field(default_factory=set)
     claimed: dict[str, int] = field(default_factory=dict)  # tensor -> call
-    why_not: dict[int, str] = field(default_factory=dict)
+    why_not: dict[int, str] = field(default_factory=dict)  # see not_paired
+    fused_into: dict[int, str] = field(default_factory=dict)
     # Calls whose own output is known to be absent from the file (weights folded with a
     # later factor): no later matcher may pair them with a guess.
     absent: set[int] = field(default_factory=set)
@@ -101,7 +102,16 @@ class _State:
         pair = self.pairs.get(call) if call is not None else None
         return pair.onnx_tensor if pair else None
 
-    def add(self, call: int, tensor: str, method: str, nodes: set[int]) -> bool:
+    def not_paired(self, call: int, reason: str, fused_into: str | None = None) -> None:
+        """Say why ``call`` has no tensor of its own: ``reason`` in words and, when it was
+        fused with a neighbour, the ONNX node they share."""
+        self.why_not[call] = reason
+        if fused_into is None:
+            self.fused_into.pop(call, None)
+        else:
+            self.fused_into[call] = fused_into
+
+    def add(self, call: int, tensor: str, method: PairMethod, nodes: set[int]) -> bool:
         if (call in self.pairs or call in self.absent or tensor in self.claimed
                 or tensor in self.graph.constants):
             return False
@@ -111,9 +121,9 @@ class _State:
         if node is None:  # a graph input: nothing computed it
             return False
         ops = MODULE_OPS.get(self.calls[call].module_type)
-        if method == "structure" and ops is not None and node.op_type not in ops:
+        if method == PairMethod.STRUCTURE and ops is not None and node.op_type not in ops:
             return False  # a one-op module must land on its op
-        if method != "structure" or ops is not None:
+        if method != PairMethod.STRUCTURE or ops is not None:
             self.complete.add(call)
         self.pairs[call] = Pair(
             call=call, onnx_tensor=tensor, onnx_node=node.name, op_type=node.op_type,
@@ -151,7 +161,8 @@ def align(calls: list[TorchCall], parameters: dict[int, dict[str, np.ndarray]],
     aliases = tuple((c.index, state.real(c.index)) for c in calls
                     if c.alias_of is not None and state.real(c.index) is not None)
     unmatched_torch = tuple(
-        Unmatched(c.label, state.why_not.get(c.index, _default_reason(c, has_scopes)))
+        Unmatched(c.label, state.why_not.get(c.index, _default_reason(c, has_scopes)),
+                  fused_into=state.fused_into.get(c.index))
         for c in calls if c.alias_of is None and c.index not in state.pairs
     )
     return Alignment(
@@ -235,22 +246,22 @@ def _match_by_scope(state: _State, scopes: dict[int, str | None]) -> None:
         instances = _instances(graph, nodes, len(by_call))
         if instances is None:
             for call in (c for cs in by_call.values() for c in cs):
-                state.why_not[call.index] = (
-                    f"its ONNX nodes do not split into {len(by_call)} calls; not paired")
+                state.not_paired(
+                    call.index, f"its ONNX nodes do not split into {len(by_call)} calls; not paired")
             continue
         if len(by_call) > 1:
             # ONNX order is not call order (independent branches may be sorted either
             # way): which instance is which call is decided from data flow, below.
             state.reused.append(_Reused(path, list(by_call.values()), instances,
-                                        ["scope"] * len(instances)))
+                                        [PairMethod.SCOPE] * len(instances)))
             continue
         for returned, inst in zip(by_call.values(), instances):
             for call, outs in _scope_outputs(state, returned, inst):
                 if len(outs) == 1:
-                    state.add(call.index, outs[0], "scope", inst)
+                    state.add(call.index, outs[0], PairMethod.SCOPE, inst)
                 elif len(outs) > 1:
-                    state.why_not[call.index] = (
-                        f"{len(outs)} tensors leave its ONNX scope with its shape; not paired")
+                    state.not_paired(
+                        call.index, f"{len(outs)} tensors leave its ONNX scope with its shape; not paired")
     _retry_reused(state)
 
 
@@ -331,7 +342,7 @@ class _Reused:
     module: str
     groups: list[list[TorchCall]]
     candidates: list[set[int]]
-    methods: list[str]  # "scope" | "weights" | "weights~", one per candidate
+    methods: list[PairMethod]  # scope, weights or close weights, one per candidate
 
 
 SOLUTIONS_LIMIT = 64  # pairings of one reused module enumerated before giving up
@@ -376,11 +387,11 @@ def _pair_reused(state: _State, reused: _Reused) -> bool:
     free = [k for k in range(len(reused.candidates)) if k not in taken]
     cand_bits = {k: _bits(reused.candidates[k]) for k in free}
     cand_up = {k: up.of(reused.candidates[k]) for k in free}
-    kind = "instances" if "scope" in reused.methods else "nodes holding its weights"
+    kind = "instances" if PairMethod.SCOPE in reused.methods else "nodes holding its weights"
     label = f"called {len(reused.groups)} times"
     if len(free) < len(open_groups):
         for call in (c for g in open_groups for c in g if c.alias_of is None):
-            state.why_not[call.index] = (f"{label}, with {len(free)} ONNX {kind} left for "
+            state.not_paired(call.index, f"{label}, with {len(free)} ONNX {kind} left for "
                                          f"{len(open_groups)} calls; not paired")
         return False
     fits = {(j, k): _fit(state, reused, group, k) for j, group in enumerate(open_groups) for k in free}
@@ -405,8 +416,8 @@ def _pair_reused(state: _State, reused: _Reused) -> bool:
                     progress |= state.add(call.index, tensors[0], reused.methods[k],
                                           reused.candidates[k])
                 elif len(tensors) > 1:
-                    state.why_not[call.index] = (
-                        f"{len(tensors)} tensors leave its ONNX scope with its shape; not paired")
+                    state.not_paired(
+                        call.index, f"{len(tensors)} tensors leave its ONNX scope with its shape; not paired")
             continue
         if solutions is None:
             reason = f"{label}: too many ways to pair its calls with its ONNX {kind}; not paired"
@@ -418,7 +429,7 @@ def _pair_reused(state: _State, reused: _Reused) -> bool:
                       "not paired")
         for call in group:
             if call.alias_of is None and call.index not in state.pairs:
-                state.why_not[call.index] = reason
+                state.not_paired(call.index, reason)
     return progress
 
 
@@ -426,7 +437,7 @@ def _fit(state: _State, reused: _Reused, group: list[TorchCall],
          k: int) -> list[tuple[TorchCall, list[str]]] | None:
     """The tensors each call of ``group`` could take in candidate ``k`` (None: none fits)."""
     graph, nodes = state.graph, reused.candidates[k]
-    if reused.methods[k] == "scope":
+    if reused.methods[k] == PairMethod.SCOPE:
         found = _scope_outputs(state, group, nodes)
     else:  # one weighted node (and its bias Add): the output is the last of them
         tensor = graph.nodes[max(nodes)].outputs[0]
@@ -553,7 +564,7 @@ def _match_by_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]
         for node in nodes_by_weight.get(digest, ()):
             if node.index in used:
                 continue
-            if _add_weighted(state, call, node, parameters, "weights"):
+            if _add_weighted(state, call, node, parameters, PairMethod.WEIGHTS):
                 used.add(node.index)
                 break
     reused = {module for module, calls in calls_of.items() if len(calls) > 1}
@@ -574,7 +585,7 @@ def _match_reused_weights(state: _State, parameters: dict[int, dict[str, np.ndar
         if len(calls) < 2 or not groups or weight is None or len(owners[_digest(weight)]) > 1:
             continue
         found = _weight_candidates(graph, weight, used)
-        exact = [(node, method) for node, method in found if method == "weights"]
+        exact = [(node, method) for node, method in found if method == PairMethod.WEIGHTS]
         if len(exact) >= len(groups):  # a close one would only add doubt
             found = exact
         if not found:
@@ -605,15 +616,15 @@ def _weight_candidates(graph: OnnxGraph, weight: np.ndarray,
         if onnx_weight.shape != weight.shape:
             continue
         if np.array_equal(onnx_weight, weight):
-            found.append((node, "weights"))
+            found.append((node, PairMethod.WEIGHTS))
         elif (weight.ndim >= 2 and node.op_type in WEIGHTED_OPS
               and _channel_similarity(weight, onnx_weight) >= CLOSE_COSINE):
-            found.append((node, "weights~"))
+            found.append((node, PairMethod.CLOSE_WEIGHTS))
     return found
 
 
 def _add_weighted(state: _State, call: TorchCall, node: OnnxNode,
-                  parameters: dict[int, dict[str, np.ndarray]], method: str) -> bool:
+                  parameters: dict[int, dict[str, np.ndarray]], method: PairMethod) -> bool:
     tensor = _with_bias(state.graph, node, parameters[call.index].get("bias"))
     return state.add(call.index, tensor, method, {node.index, state.graph.producer[tensor]})
 
@@ -651,9 +662,9 @@ def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.nd
         if not scored or scored[0][0] < CLOSE_COSINE:
             continue
         if len(scored) > 1 and scored[0][0] - scored[1][0] < CLOSE_MARGIN:
-            state.why_not[call.index] = "several ONNX layers have nearly its weights; not paired"
+            state.not_paired(call.index, "several ONNX layers have nearly its weights; not paired")
             continue
-        if _add_weighted(state, call, scored[0][1], parameters, "weights~"):
+        if _add_weighted(state, call, scored[0][1], parameters, PairMethod.CLOSE_WEIGHTS):
             used.add(scored[0][1].index)
 
 
@@ -758,9 +769,9 @@ def _check_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) 
         elif np.allclose(known, known[0], rtol=1e-3):
             _unpair(state, call_index)
             state.absent.add(call_index)
-            state.why_not[call_index] = (
-                f"its weights in '{node.name}' are its own times {known[0]:.3g}: a following "
-                "multiplication was folded into it, so its own output is not in the file")
+            state.not_paired(
+                call_index, f"its weights in '{node.name}' are its own times {known[0]:.3g}: a "
+                "following multiplication was folded into it, so its own output is not in the file")
 
 
 def _changed_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> tuple[int, ...]:
@@ -770,7 +781,7 @@ def _changed_weights(state: _State, parameters: dict[int, dict[str, np.ndarray]]
     for call_index, pair in state.pairs.items():
         node = state.graph.node_of(pair.onnx_tensor) if pair.op_type in WEIGHTED_OPS else None
         weight = parameters.get(call_index, {}).get("weight")
-        if node is None or weight is None or len(node.inputs) < 2 or pair.method == "fused":
+        if node is None or weight is None or len(node.inputs) < 2 or pair.method == PairMethod.FUSED:
             continue
         onnx_weight = state.graph.constants.get(node.inputs[1])
         if onnx_weight is None or onnx_weight.shape != weight.shape or np.array_equal(onnx_weight, weight):
@@ -793,13 +804,14 @@ def _fold_into(state: _State, call_index: int, node: OnnxNode, source: tuple[int
     state.absent.add(call_index)
     holder = "the model" if owner < 0 else state.calls[owner].label
     consumer = owner >= 0 and {state.real(p) for p in state.calls[owner].producers} == {call_index}
-    if consumer and state.add(owner, tensor, "fused", nodes):
-        state.why_not[call_index] = f"fused into ONNX node '{node.name}' with {holder}"
+    if consumer and state.add(owner, tensor, PairMethod.FUSED, nodes):
+        state.not_paired(call_index, f"fused into ONNX node '{node.name}' with {holder}",
+                         fused_into=node.name)
         return
-    state.why_not[call_index] = (
-        f"weights folded with a per-channel factor: its weights in '{node.name}' are its own "
-        f"times {holder}'s '{name}' (a following multiplication folded into it), so its own "
-        "output is not in the file")
+    state.not_paired(
+        call_index, f"weights folded with a per-channel factor: its weights in '{node.name}' are "
+        f"its own times {holder}'s '{name}' (a following multiplication folded into it), so its "
+        "own output is not in the file")
 
 
 def _unpair(state: _State, call_index: int) -> None:
@@ -828,8 +840,9 @@ def _pair_fused_activations(state: _State) -> None:
             continue
         nodes = state.instance.get(layer, set())
         _unpair(state, layer)
-        if state.add(call.index, pair.onnx_tensor, "fused", nodes):
-            state.why_not[layer] = f"fused into ONNX node '{node.name}' with {call.label}"
+        if state.add(call.index, pair.onnx_tensor, PairMethod.FUSED, nodes):
+            state.not_paired(layer, f"fused into ONNX node '{node.name}' with {call.label}",
+                             fused_into=node.name)
 
 
 def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.ndarray]]) -> None:
@@ -859,8 +872,9 @@ def _pair_folded_batchnorm(state: _State, parameters: dict[int, dict[str, np.nda
             continue
         nodes = state.instance.get(conv, set())
         _unpair(state, conv)
-        if state.add(call.index, pair.onnx_tensor, "fused", nodes):
-            state.why_not[conv] = f"fused into ONNX node '{node.name}' with {state.calls[call.index].label}"
+        if state.add(call.index, pair.onnx_tensor, PairMethod.FUSED, nodes):
+            state.not_paired(conv, f"fused into ONNX node '{node.name}' with "
+                             f"{state.calls[call.index].label}", fused_into=node.name)
 
 
 def _with_bias(graph: OnnxGraph, node: OnnxNode, bias: np.ndarray | None) -> str:
@@ -899,7 +913,7 @@ def _follow_data_flow(state: _State) -> bool:
                            and _shape_fits(graph.shapes.get(t), state.calls[unpaired[0]].shape)]
                 if len(fitting) == 1:
                     progress |= state.add(unpaired[0], _before_pass_through(graph, fitting[0]),
-                                          "structure", set())
+                                          PairMethod.STRUCTURE, set())
             continue
         if call.index in state.pairs:
             continue
@@ -915,7 +929,7 @@ def _follow_data_flow(state: _State) -> bool:
                       and graph.nodes[i].outputs[0] not in state.claimed]
         if len(candidates) == 1:
             node = candidates[0]
-            progress |= state.add(call.index, node.outputs[0], "structure", {node.index})
+            progress |= state.add(call.index, node.outputs[0], PairMethod.STRUCTURE, {node.index})
     return progress
 
 
@@ -980,7 +994,7 @@ def misfit(pair: Pair, calls: list[TorchCall], value: np.ndarray | None,
     shape = calls[pair.call].shape
     if value is None or value.shape == shape:
         return None
-    if pair.method == "structure":
+    if pair.method == PairMethod.STRUCTURE:
         return Unmatched(calls[pair.call].label,
                          f"the tensor it was paired with by structure has shape "
                          f"{tuple(value.shape)}; not paired")

@@ -80,6 +80,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
         nan_onnx=cand_nan,
         inf_torch=ref_inf,
         inf_onnx=cand_inf,
+        nonfinite_differs=acc.nonfinite_differs,
         passed=not reason,
         reason=reason,
     )

@@ -22,8 +22,8 @@ import numpy as np
 from .capture_onnx import OnnxGraph, RuntimeFailure
 from .compare import compare
 from .records import (
-    Alignment, FirstDivergence, LayerResult, Metrics, OnnxNodeInfo, OutputResult, Referee,
-    TorchCall,
+    Alignment, DivergenceKind, FirstDivergence, LayerResult, LayerStatus, Metrics, OnnxNodeInfo,
+    OutputResult, Referee, TorchCall, Verdict,
 )
 
 REGION_LIMIT = 40  # suspects listed for a first divergence
@@ -79,13 +79,13 @@ def _first_failure_is_a_cause(layers: list[LayerResult]) -> list[LayerResult]:
         if layer.metrics is None or layer.metrics.passed or layer.ignored:
             continue
         earlier = layers[:i]
-        if layer.status == "propagated" and all(l.metrics is not None and l.metrics.passed
+        if layer.status == LayerStatus.PROPAGATED and all(l.metrics is not None and l.metrics.passed
                                                 for l in earlier):
             error = _normalised(layer.metrics)
             before = max((_normalised(l.metrics) for l in earlier), default=0.0)
             own = _normalised(layer.local) if layer.local is not None else 0.0
             if error > JUMP * max(before, own):
-                layers[i] = replace(layer, status="fail")
+                layers[i] = replace(layer, status=LayerStatus.FAIL)
         break
     return layers
 
@@ -94,16 +94,16 @@ def _normalised(metrics: Metrics) -> float:
     return metrics.max_abs / max(metrics.scale, 1e-30)
 
 
-def _status(metrics: Metrics | None, local: Metrics | None, ignored: bool) -> str:
+def _status(metrics: Metrics | None, local: Metrics | None, ignored: bool) -> LayerStatus:
     if metrics is None:
-        return "not_run"
+        return LayerStatus.NOT_RUN
     if ignored:
-        return "ignored"
+        return LayerStatus.IGNORED
     if local is not None:
         if not local.passed:
-            return "fail"
-        return "pass" if metrics.passed else "propagated"
-    return "pass" if metrics.passed else "fail"
+            return LayerStatus.FAIL
+        return LayerStatus.PASS if metrics.passed else LayerStatus.PROPAGATED
+    return LayerStatus.PASS if metrics.passed else LayerStatus.FAIL
 
 
 def output_results(torch_outputs: Sequence[np.ndarray], onnx_outputs: Sequence[np.ndarray] | None,
@@ -126,16 +126,17 @@ def first_divergence(
     calls: Sequence[TorchCall],
     failure: RuntimeFailure | None,
 ) -> FirstDivergence | None:
-    failing = next((l for l in layers if l.status == "fail"), None)
+    failing = next((i for i, l in enumerate(layers) if l.status == LayerStatus.FAIL), None)
     failed_node = next((n for n in graph.nodes if failure and n.name == failure.node), None)
-    if failing is not None and (failed_node is None or failing.order < failed_node.index):
+    if failing is not None and (failed_node is None or layers[failing].order < failed_node.index):
         return _numeric(failing, layers, graph, alignment, calls)
     if failure is not None:
         return _runtime(failure, failed_node, layers, graph, alignment, calls)
     return None
 
 
-def _numeric(layer: LayerResult, layers, graph, alignment, calls) -> FirstDivergence:
+def _numeric(index: int, layers, graph, alignment, calls) -> FirstDivergence:
+    layer = layers[index]
     metrics: Metrics = layer.metrics  # type: ignore[assignment]
     message = metrics.reason
     if layer.local is not None and not layer.local.passed:
@@ -145,28 +146,29 @@ def _numeric(layer: LayerResult, layers, graph, alignment, calls) -> FirstDiverg
         message += ("; its ONNX segment passes when run alone, so the error appears only in "
                     "the whole graph (an onnxruntime fusion across layers, say)")
     if metrics.shape_torch != metrics.shape_onnx:
-        kind = "shape_mismatch"
-    elif metrics.reason.startswith("NaN/Inf"):
-        kind = "nonfinite"
+        kind = DivergenceKind.SHAPE_MISMATCH
+    elif metrics.nonfinite_differs:
+        kind = DivergenceKind.NONFINITE
     else:
-        kind = "numeric"
+        kind = DivergenceKind.NUMERIC
     call = _call_for(layer.module, calls)
     region = _region(graph, graph.producer[layer.onnx_tensor], alignment)
     return FirstDivergence(
         module=layer.module, onnx_node=layer.onnx_node, op_type=layer.op_type, kind=kind,
-        max_abs=metrics.max_abs, message=message, region=region,
+        max_abs=metrics.max_abs, message=message, layer=index, region=region,
         module_type=layer.module_type, torch_attrs=dict(call.attrs) if call else {},
         downstream_of_ignored=_ignored_failing_ancestors(layer, layers, graph),
     )
 
 
 def _runtime(failure, node, layers, graph, alignment, calls) -> FirstDivergence:
-    module, module_type, attrs = "", "", {}
+    module, module_type, attrs, index = "", "", {}, None
     if node is not None:
         # The module whose output is the first aligned tensor computed from the failing node.
         tainted = graph.descendants(node.index)
-        owner = next((l for l in layers if l.onnx_tensor in tainted), None)
-        if owner is not None:
+        index = next((i for i, l in enumerate(layers) if l.onnx_tensor in tainted), None)
+        if index is not None:
+            owner = layers[index]
             module, module_type = owner.module, owner.module_type
             call = _call_for(owner.module, calls)
             attrs = dict(call.attrs) if call else {}
@@ -174,7 +176,7 @@ def _runtime(failure, node, layers, graph, alignment, calls) -> FirstDivergence:
     summary = failure.message.strip().splitlines()[0] if failure.message.strip() else "failed"
     return FirstDivergence(
         module=module, onnx_node=failure.node, op_type=failure.op_type or (node.op_type if node else ""),
-        kind="runtime_error", max_abs=None, message=summary, region=region,
+        kind=DivergenceKind.RUNTIME_ERROR, max_abs=None, message=summary, layer=index, region=region,
         module_type=module_type, torch_attrs=attrs,
     )
 
@@ -216,32 +218,32 @@ def ignored_failures(layers: Sequence[LayerResult]) -> list[LayerResult]:
 
 
 def verdict(layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
-            first: FirstDivergence | None) -> tuple[str, bool]:
+            first: FirstDivergence | None) -> tuple[Verdict, bool]:
     """("pass" | "diverged", masked): masked when a layer fails but every output passes.
 
     Layers count through their own error: one that only carries error from upstream
     ("propagated") is not a divergence by itself; the layer it came from is.
     """
-    layer_failed = any(l.status == "fail" for l in layers)
+    layer_failed = any(l.status == LayerStatus.FAIL for l in layers)
     output_failed = any(not o.passed for o in outputs) or not outputs
     if first is None and not layer_failed and outputs and not output_failed:
-        return "pass", False
+        return Verdict.PASS, False
     masked = bool(outputs) and not output_failed and (layer_failed or first is not None)
-    return "diverged", masked
+    return Verdict.DIVERGED, masked
 
 
 def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
+def summarise(verdict_: Verdict, layers: Sequence[LayerResult], outputs: Sequence[OutputResult],
               first: FirstDivergence | None, masked: bool, rtol: float, atol: float,
               unmatched: int) -> str:
     compared = [l for l in layers if l.metrics is not None]
     counted = [l for l in compared if not l.ignored]
     tolerance = f"rtol={rtol:g}, atol={atol:g}"
-    if verdict_ == "pass":
-        carried = sum(1 for l in counted if l.status == "propagated")
+    if verdict_ == Verdict.PASS:
+        carried = sum(1 for l in counted if l.status == LayerStatus.PROPAGATED)
         if carried:
             text = (f"The ONNX model agrees with PyTorch: no layer's own computation fails and "
                     f"the {len(outputs)} output(s) are within {tolerance}; {carried} of "
@@ -249,7 +251,7 @@ def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[Ou
         else:
             text = (f"The ONNX model agrees with PyTorch: all {len(counted)} compared layers and "
                     f"{len(outputs)} output(s) are within {tolerance}.")
-    elif first is not None and first.kind == "runtime_error":
+    elif first is not None and first.kind == DivergenceKind.RUNTIME_ERROR:
         where = f" ({first.module})" if first.module else ""
         ran = sum(1 for l in layers if l.metrics is not None)
         if first.onnx_node:
@@ -259,11 +261,11 @@ def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[Ou
         text += (f" The {ran} layer(s) before it were compared; nothing after it ran."
                  if ran else " No layer could be compared.")
     elif first is not None:
-        causes = sum(1 for l in counted if l.status == "fail")
-        carried = sum(1 for l in counted if l.status == "propagated")
-        metrics = next(l.metrics for l in layers if l.module == first.module)
+        causes = sum(1 for l in counted if l.status == LayerStatus.FAIL)
+        carried = sum(1 for l in counted if l.status == LayerStatus.PROPAGATED)
+        metrics = layers[first.layer].metrics
         rel = metrics.max_abs / metrics.scale if metrics and metrics.scale else float("nan")
-        how = (f"{first.message}" if first.kind in ("shape_mismatch", "nonfinite")
+        how = (f"{first.message}" if first.kind in (DivergenceKind.SHAPE_MISMATCH, DivergenceKind.NONFINITE)
                else f"max error {first.max_abs:.3g}, {rel:.1%} of that layer's range")
         at = f" on input {first.case}" if first.case else ""
         text = (f"The ONNX model diverges from PyTorch. The first divergence is at "
@@ -279,7 +281,7 @@ def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[Ou
         worst = max(outputs, key=lambda o: o.metrics.max_abs, default=None)
         error = f" (max error {worst.metrics.max_abs:.3g})" if worst else ""
         ignored = ignored_failures(layers)
-        drifting = [l for l in counted if l.status == "propagated"]
+        drifting = [l for l in counted if l.status == LayerStatus.PROPAGATED]
         if ignored:
             text = (f"The final output differs from PyTorch{error}. The only layers whose "
                     "own computation fails are ignored: "
@@ -298,7 +300,7 @@ def summarise(verdict_: str, layers: Sequence[LayerResult], outputs: Sequence[Ou
                     "that could not be aligned.")
     if masked:
         text += " The final output still passes: the divergence is masked downstream."
-    elif verdict_ != "pass" and outputs:
+    elif verdict_ != Verdict.PASS and outputs:
         worst = max(outputs, key=lambda o: o.metrics.max_abs)
         if not worst.passed and worst.metrics.shape_torch == worst.metrics.shape_onnx:
             text += f" The final output differs by up to {worst.metrics.max_abs:.3g}."

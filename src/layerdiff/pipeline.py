@@ -27,8 +27,9 @@ from .exporting import Example, describe_onnx, export_onnx
 from .models import from_module, load_model, model_file, output_stem
 from .options import Options
 from .records import (
-    Alignment, CaseResult, Diagnosis, Facts, FirstDivergence, InputKind, LayerResult, LoadedModel,
-    OnnxSource, OutputResult, RandomOp, Settings, TorchCall,
+    Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, DivergenceKind, Facts,
+    FirstDivergence, InputKind, LayerResult, LayerStatus, LoadedModel, OnnxSource, OutputResult,
+    RandomOp, Settings, Side, TorchCall, Verdict,
 )
 from .rules import suggest
 from .run_case import CaseRun as _Case, CaseRunner
@@ -265,18 +266,18 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         except capture_onnx.OnnxLoadError as exc:
             if number == 0:
                 return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
-            skipped.append(CaseResult(case.label, case.shape, "skipped", case.kind,
+            skipped.append(CaseResult(case.label, case.shape, CaseVerdict.SKIPPED, case.kind,
                                       note=f"onnxruntime cannot run it: {exc.message}"))
         except LayerdiffError as exc:
-            if number == 0 or case.kind in ("file", "data"):
+            if number == 0 or case.kind in (CaseKind.FILE, CaseKind.DATA):
                 raise
-            skipped.append(CaseResult(case.label, case.shape, "skipped", case.kind,
+            skipped.append(CaseResult(case.label, case.shape, CaseVerdict.SKIPPED, case.kind,
                                       note=f"PyTorch itself fails here: {exc.message}"))
     main = results[0]
 
     layers = _worst_layers(results)
     outputs = _worst_outputs(results)
-    first, first_case = _first_divergence(results)
+    first, first_case = _first_divergence(results, layers)
     verdict, masked = judge.verdict(layers, outputs, first)
     # An input on which onnxruntime failed produced no output: nothing is masked there.
     masked = masked and all(r.final_outputs is not None for r in results)
@@ -291,12 +292,12 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         onnx_input_shape=_declared(graph, settings.input_specs),
         ort_optimisation_level=ort_level,
         # A plain run draws other random numbers: it would measure the draws, not fusions.
-        instrumentation_delta=(None if any(r.side == "onnx" for r in random_ops)
+        instrumentation_delta=(None if any(r.side == Side.ONNX for r in random_ops)
                                else runner.instrumentation_delta(main)),
         export_size=export_size,
         segments=len(main.plan),
     )
-    if verdict == "diverged" and ort_level != "disable" and first_case is not None \
+    if verdict == Verdict.DIVERGED and ort_level != "disable" and first_case is not None \
             and first_case.failure is None:
         say("re-running with onnxruntime graph optimisations off")
         vanishes = runner.passes_unoptimised(first_case)
@@ -392,7 +393,8 @@ def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
 
 # A measured result outranks an unmeasured one: "not_run" (onnxruntime failed before
 # the layer on some input) never hides how the layer did where it ran.
-_SEVERITY = {"fail": 3, "propagated": 2, "pass": 1, "ignored": 1, "not_run": 0}
+_SEVERITY = {LayerStatus.FAIL: 3, LayerStatus.PROPAGATED: 2, LayerStatus.PASS: 1,
+             LayerStatus.IGNORED: 1, LayerStatus.NOT_RUN: 0}
 
 
 def _normalised_error(layer: LayerResult) -> float:
@@ -425,8 +427,10 @@ def _worst_outputs(results: list[_Case]) -> list[OutputResult]:
     return list(by_name.values())
 
 
-def _first_divergence(results: list[_Case]) -> tuple[FirstDivergence | None, _Case | None]:
-    """The earliest first divergence over all inputs (execution order), with its input."""
+def _first_divergence(results: list[_Case], layers: list[LayerResult]
+                      ) -> tuple[FirstDivergence | None, _Case | None]:
+    """The earliest first divergence over all inputs (execution order), with its input;
+    its ``layer`` is its row in ``layers``, the inputs combined (_worst_layers)."""
     best: tuple[int, FirstDivergence, _Case] | None = None
     for case in results:
         if case.first is None:
@@ -437,14 +441,20 @@ def _first_divergence(results: list[_Case]) -> tuple[FirstDivergence | None, _Ca
     if best is None:
         return None, None
     _, first, case = best
-    return (replace(first, case=case.label) if len(results) > 1 else first), case
+    if len(results) == 1:
+        return first, case
+    row = None
+    if first.layer is not None:
+        mine = case.layers[first.layer]
+        row = next(i for i, l in enumerate(layers)
+                   if (l.module, l.onnx_tensor) == (mine.module, mine.onnx_tensor))
+    return replace(first, case=case.label, layer=row), case
 
 
 def _position(case: _Case) -> int:
     first = case.first
-    layer = next((l for l in case.layers if l.module == first.module and l.status == "fail"), None)
-    if layer is not None:
-        return layer.order
+    if first.kind != DivergenceKind.RUNTIME_ERROR:  # a failing layer
+        return case.layers[first.layer].order
     return next((p.order for p in case.alignment.pairs if p.onnx_node == first.onnx_node), 10**9)
 
 
@@ -458,11 +468,7 @@ def _first_pair(case: _Case):
     first = case.first
     if first is None or first.kind not in repro.KINDS:
         return None
-    layer = next((l for l in case.layers if l.module == first.module and l.status == "fail"), None)
-    if layer is None:
-        return None
-    return next((p for p in case.alignment.pairs if p.onnx_tensor == layer.onnx_tensor
-                 and case.calls[p.call].label == layer.module), None)
+    return case.alignment.pairs[first.layer]  # one layer per pair, in the same order
 
 
 def _previews(case: _Case) -> dict[str, np.ndarray]:
@@ -578,8 +584,8 @@ def _declared(graph: capture_onnx.OnnxGraph, specs) -> tuple:
 
 
 def _random_ops(case: _Case, graph: capture_onnx.OnnxGraph) -> tuple[RandomOp, ...]:
-    return (tuple(RandomOp("torch", where, op) for where, op in case.random_ops)
-            + tuple(RandomOp("onnx", n.name, n.op_type) for n in capture_onnx.random_nodes(graph)))
+    return (tuple(RandomOp(Side.TORCH, where, op) for where, op in case.random_ops)
+            + tuple(RandomOp(Side.ONNX, n.name, n.op_type) for n in capture_onnx.random_nodes(graph)))
 
 
 def _training_nodes(graph: capture_onnx.OnnxGraph) -> tuple[str, ...]:
@@ -646,7 +652,7 @@ def _fp16_facts(facts: Facts, main: _Case, graph, fp32_path: Path | None, fix_pa
 def _error_diagnosis(model: LoadedModel, source: OnnxSource, settings: Settings,
                      message: str, hint: str) -> Diagnosis:
     diagnosis = Diagnosis(
-        verdict="error", summary=f"{message}. {hint}".strip(), model=model, onnx=source,
+        verdict=Verdict.ERROR, summary=f"{message}. {hint}".strip(), model=model, onnx=source,
         settings=settings, versions=versions(), error=message,
     )
     # Rules may still explain why the file cannot load (an op missing at this opset).

@@ -2,6 +2,10 @@
 
 load -> export -> capture torch -> capture onnx -> align -> compare -> diagnose -> render.
 Every stage takes and returns these; none reaches back into an earlier stage.
+
+A field that takes one of a closed set of values (a status, a kind, a verdict) holds a
+``str`` Enum member with no default: it reads, prints and serialises as its plain value
+("fail"), and a record built with a value outside the set is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +18,16 @@ from typing import Any
 import numpy as np
 
 SCHEMA = "layerdiff/2"
+
+
+def _members(record: Any, **closed: type[Enum]) -> None:
+    """Hold each named field of a frozen ``record`` as a member of its Enum: a plain
+    string with a member's value (from a caller not yet converted, or JSON) becomes that
+    member, and a value outside the set is refused here, not passed on silently."""
+    for name, enum in closed.items():
+        value = getattr(record, name)
+        if not isinstance(value, enum):
+            object.__setattr__(record, name, enum(value))
 
 
 # --------------------------------------------------------------------------- load / export
@@ -54,13 +68,26 @@ class InputSpec:
 
 
 
+class ModelKind(str, Enum):
+    """How the model was loaded (models/)."""
+
+    SPANDREL = "spandrel"  # a state dict spandrel recognised
+    TORCHSCRIPT = "torchscript"
+    PICKLE = "pickle"  # a whole pickled module (--trust-pickle)
+    MODULE = "module"  # an nn.Module given to the library
+    ENTRY_POINT = "entry_point"  # a Python entry point, file.py:NAME (--weights)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A PyTorch model ready to run, plus what we learnt while loading it."""
 
     module: Any  # torch.nn.Module (or a TorchScript module)
     path: Path | None
-    kind: str  # "spandrel" | "torchscript" | "pickle" | "module" | "entry_point"
+    kind: ModelKind
     architecture: str  # e.g. "ESRGAN", or the class name
     input_channels: int
     output_channels: int | None = None
@@ -72,16 +99,33 @@ class LoadedModel:
     # What output files are named after when not the file's stem (an entry point's NAME).
     stem: str | None = None
 
+    def __post_init__(self) -> None:
+        _members(self, kind=ModelKind)
+
+
+class Exporter(str, Enum):
+    """What wrote the ONNX file under diagnosis."""
+
+    DYNAMO = "dynamo"
+    LEGACY = "legacy"
+    USER = "user"  # given with --onnx
+
+    def __str__(self) -> str:
+        return self.value
+
 
 @dataclass(frozen=True)
 class OnnxSource:
     """The ONNX file under diagnosis and where it came from."""
 
     path: Path
-    exporter: str  # "dynamo" | "legacy" | "user" (given with --onnx)
+    exporter: Exporter
     opset: int | None = None
     producer: str = ""
     notes: tuple[str, ...] = ()  # e.g. "dynamo exporter crashed (SIGSEGV); used legacy"
+
+    def __post_init__(self) -> None:
+        _members(self, exporter=Exporter)
 
 
 # --------------------------------------------------------------------------- capture
@@ -128,6 +172,19 @@ class OnnxNodeInfo:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+class PairMethod(str, Enum):
+    """How a torch call was paired with an ONNX tensor (align.py)."""
+
+    SCOPE = "scope"  # the node's recorded module path
+    WEIGHTS = "weights"  # the node holds the module's weights, equal
+    CLOSE_WEIGHTS = "weights~"  # ... close to them, not equal
+    STRUCTURE = "structure"  # data flow between paired neighbours
+    FUSED = "fused"  # a node the module shares with a neighbour it was fused with
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Pair:
     """A torch call aligned with the ONNX tensor that holds the same value."""
@@ -137,19 +194,25 @@ class Pair:
     onnx_node: str  # node producing the tensor
     op_type: str
     order: int  # position of the producing node in ONNX topological order
-    method: str  # "scope" | "weights" (equal) | "weights~" (close) | "structure" | "fused"
+    method: PairMethod
+
+    def __post_init__(self) -> None:
+        _members(self, method=PairMethod)
 
     @property
     def confidence(self) -> str:
         """How sure the pairing is: exact evidence (a recorded module path, equal weights)
         is "high"; inference (close weights, data flow, a fused node) is "medium"."""
-        return "high" if self.method in ("scope", "weights") else "medium"
+        return "high" if self.method in (PairMethod.SCOPE, PairMethod.WEIGHTS) else "medium"
 
 
 @dataclass(frozen=True)
 class Unmatched:
     name: str
-    reason: str
+    reason: str  # why, in words
+    # The ONNX node it shares with a neighbour it was fused with (a Conv and the activation
+    # after it), when that is why it has no tensor of its own.
+    fused_into: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +229,7 @@ class Alignment:
     def coverage(self) -> dict[str, float | int]:
         """How much of the PyTorch model was compared: shares of module calls that
         produce a tensor of their own (aliases share one and are not counted)."""
-        fused = sum(1 for u in self.unmatched_torch if u.reason.startswith("fused into"))
+        fused = sum(1 for u in self.unmatched_torch if u.fused_into is not None)
         total = len(self.pairs) + len(self.unmatched_torch)
         share = (lambda n: n / total) if total else (lambda n: 0.0)
         return {"modules": total, "compared": share(len(self.pairs)), "fused": share(fused),
@@ -194,8 +257,20 @@ class Metrics:
     nan_onnx: int = 0
     inf_torch: int = 0
     inf_onnx: int = 0
+    nonfinite_differs: bool = False  # NaN / Inf are not in the same places on both sides
     passed: bool = True
     reason: str = ""  # why it failed, in words; "" when it passed
+
+
+class RefereeSide(str, Enum):
+    """Which fp32 side a float64 PyTorch run finds off (see Referee)."""
+
+    ONNX = "onnx"
+    TORCH = "torch"
+    NOISE = "noise"  # both within a few times PyTorch fp32's own rounding error
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -209,7 +284,23 @@ class Referee:
 
     torch_error: float
     onnx_error: float
-    side: str
+    side: RefereeSide
+
+    def __post_init__(self) -> None:
+        _members(self, side=RefereeSide)
+
+
+class LayerStatus(str, Enum):
+    """How a layer did (divergence.py says how each is decided)."""
+
+    PASS = "pass"
+    FAIL = "fail"  # its own segment fails: a cause
+    PROPAGATED = "propagated"  # only carries error from upstream
+    IGNORED = "ignored"  # left out by --ignore-layer
+    NOT_RUN = "not_run"  # onnxruntime never produced its tensor
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -220,16 +311,17 @@ class LayerResult:
     onnx_node: str
     op_type: str
     order: int
-    method: str
+    method: PairMethod
     metrics: Metrics | None  # None when onnxruntime never produced the tensor
+    status: LayerStatus
     ignored: bool = False
-    # "pass" | "fail" (its own segment fails) | "propagated" (only error from upstream)
-    # | "ignored" | "not_run"
-    status: str = "pass"
     # The layer's own error: its ONNX segment run on the PyTorch values of its inputs.
     local: Metrics | None = None
     referee: Referee | None = None
     case: str = ""  # the input on which this layer was worst (several inputs or sizes)
+
+    def __post_init__(self) -> None:
+        _members(self, method=PairMethod, status=LayerStatus)
 
     @property
     def passed(self) -> bool | None:
@@ -250,20 +342,39 @@ class OutputResult:
 # --------------------------------------------------------------------------- diagnosis
 
 
+class DivergenceKind(str, Enum):
+    """What the first divergence is."""
+
+    NUMERIC = "numeric"
+    SHAPE_MISMATCH = "shape_mismatch"
+    NONFINITE = "nonfinite"  # NaN / Inf in other places
+    RUNTIME_ERROR = "runtime_error"  # onnxruntime failed
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class FirstDivergence:
     module: str
     onnx_node: str
     op_type: str
-    kind: str  # "numeric" | "shape_mismatch" | "nonfinite" | "runtime_error"
+    kind: DivergenceKind
     max_abs: float | None
     message: str
+    # Its row in the layer list of the Diagnosis (or input) it belongs to: the failing
+    # layer, or for a runtime error the first layer computed from the failing node; None
+    # when no aligned layer is.
+    layer: int | None
     # ONNX nodes that computed this tensor from passing, aligned inputs: the suspects.
     region: tuple[OnnxNodeInfo, ...] = ()
     module_type: str = ""
     torch_attrs: dict[str, Any] = field(default_factory=dict)
     downstream_of_ignored: tuple[str, ...] = ()
     case: str = ""  # the input it shows on, when several were run
+
+    def __post_init__(self) -> None:
+        _members(self, kind=DivergenceKind)
 
 
 @dataclass(frozen=True)
@@ -275,17 +386,54 @@ class Suggestion:
     layers: tuple[str, ...] = ()
 
 
+class CaseKind(str, Enum):
+    """Where an input came from (inputs/)."""
+
+    RANDOM = "random"
+    FILE = "file"  # an image or .npy for the image input (--input)
+    DATA = "data"  # real values for every input (--input-data)
+    GIVEN = "given"  # values passed to diagnose(inputs=...)
+    SIZE = "size"  # a random input at another size (--check-sizes)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CaseVerdict(str, Enum):
+    """How the model did on one input."""
+
+    PASS = "pass"
+    DIVERGED = "diverged"
+    SKIPPED = "skipped"  # could not be run (see the case's note)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class CaseResult:
     """One input (a random tensor, a file, another size) and how the model did on it."""
 
     label: str
     shape: tuple[int, ...]
-    verdict: str  # "pass" | "diverged" | "skipped"
-    kind: str = "random"  # "random" | "file" | "size"
+    verdict: CaseVerdict
+    kind: CaseKind
     first_divergence: str = ""  # module or node, with the kind
     max_output_error: float | None = None
     note: str = ""
+
+    def __post_init__(self) -> None:
+        _members(self, verdict=CaseVerdict, kind=CaseKind)
+
+
+class Side(str, Enum):
+    """One of the two models compared."""
+
+    TORCH = "torch"
+    ONNX = "onnx"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -293,9 +441,12 @@ class RandomOp:
     """An op that draws random numbers during the forward pass: the two sides draw
     different numbers, so their values cannot agree downstream of it."""
 
-    side: str  # "torch" | "onnx"
+    side: Side
     where: str  # torch: the module path it ran in (the model's class name at the top); onnx: node name
     op: str  # torch: the aten op ("randn_like"); onnx: the op type ("RandomNormalLike")
+
+    def __post_init__(self) -> None:
+        _members(self, side=Side)
 
 
 @dataclass(frozen=True)
@@ -320,7 +471,7 @@ class Facts:
     instrumentation_delta: float | None = None
     export_size: tuple[int, int] | None = None  # H, W the file was exported at, when known
     fp16: Any = None  # fp16.Fp16Findings when the ONNX file is float16
-    fp16_fix: tuple[str, str] | None = None  # (mixed-precision file written, its verdict)
+    fp16_fix: tuple[str, Verdict] | None = None  # (mixed-precision file written, its verdict)
     # Memory (see store.py): this diagnosis's peak resident memory in bytes (None when
     # the process had already peaked higher before it began), whether that exceeded
     # Settings.max_memory, PyTorch activations written to disk, and the number of ONNX
@@ -360,9 +511,20 @@ class Settings:
         return tuple(self.input_specs[0].shape) if self.input_specs else ()
 
 
+class Verdict(str, Enum):
+    """The diagnosis's answer; each has its exit code (Diagnosis.exit_code)."""
+
+    PASS = "pass"
+    DIVERGED = "diverged"
+    ERROR = "error"  # the diagnosis could not run to the end
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Diagnosis:
-    verdict: str  # "pass" | "diverged" | "error"
+    verdict: Verdict
     summary: str
     model: LoadedModel | None
     onnx: OnnxSource | None
@@ -384,6 +546,9 @@ class Diagnosis:
     # Small arrays the report shows (|diff| of the first divergence, ...), never serialised.
     previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        _members(self, verdict=Verdict)
+
     @property
     def exit_code(self) -> int:
-        return {"pass": 0, "diverged": 1}.get(self.verdict, 2)
+        return {Verdict.PASS: 0, Verdict.DIVERGED: 1}.get(self.verdict, 2)

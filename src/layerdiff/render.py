@@ -23,6 +23,7 @@ import math
 import os
 import textwrap
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,16 @@ import jinja2
 import numpy as np
 
 from .files import atomic_write_text
-from .records import SCHEMA, Diagnosis, LayerResult, Metrics
+from .records import (
+    SCHEMA, CaseVerdict, Diagnosis, DivergenceKind, LayerResult, LayerStatus, Metrics, PairMethod,
+    RefereeSide, Verdict,
+)
 from .store import human_bytes
 from .report_format import (
     STATUS_LABELS,
     _fd_layer,
     _finite_or_none,
-    _layer_index,
     _normalised,
-    _status_of,
     fmt_cos,
     fmt_num,
     fmt_pct,
@@ -69,13 +71,13 @@ __all__ = [
 TEMPLATE_NAME = "report.html.j2"
 
 KIND_LABELS = {
-    "numeric": "numeric mismatch",
-    "shape_mismatch": "shape mismatch",
-    "nonfinite": "non-finite values (NaN / inf)",
-    "runtime_error": "onnxruntime error",
+    DivergenceKind.NUMERIC: "numeric mismatch",
+    DivergenceKind.SHAPE_MISMATCH: "shape mismatch",
+    DivergenceKind.NONFINITE: "non-finite values (NaN / inf)",
+    DivergenceKind.RUNTIME_ERROR: "onnxruntime error",
 }
 
-VERDICT_LABELS = {"pass": "PASS", "diverged": "DIVERGED", "error": "ERROR"}
+VERDICT_LABELS = {Verdict.PASS: "PASS", Verdict.DIVERGED: "DIVERGED", Verdict.ERROR: "ERROR"}
 
 
 # =========================================================================== JSON
@@ -103,8 +105,11 @@ def _fp16_json(findings: Any) -> dict[str, Any] | None:
 def _plain(v: Any) -> Any:
     """Best-effort conversion of an arbitrary value to JSON-valid data.
 
-    Non-finite floats become None; paths and unknown objects become strings.
+    Non-finite floats become None; enum members their values; paths and unknown objects
+    strings.
     """
+    if isinstance(v, Enum):
+        return _plain(v.value)
     if v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, (int, np.integer)) and not isinstance(v, np.bool_):
@@ -194,7 +199,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
     serialised.
     """
     fd = d.first_divergence
-    fd_index = _layer_index(d, fd)
+    fd_index = None if fd is None else fd.layer
 
     outputs = []
     for o in d.outputs:
@@ -213,9 +218,9 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             "onnx_node": r.onnx_node,
             "op_type": r.op_type,
             "order": int(r.order),
-            "method": r.method,
+            "method": r.method.value,
             "ignored": bool(r.ignored),
-            "status": r.status,
+            "status": r.status.value,
         }
         row.update(m)
         # The layer's own error (its segment on PyTorch's inputs); null when not measured.
@@ -223,7 +228,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         row["referee"] = None if r.referee is None else {
             "torch_error": _finite_or_none(r.referee.torch_error),
             "onnx_error": _finite_or_none(r.referee.onnx_error),
-            "side": r.referee.side,
+            "side": r.referee.side.value,
         }
         row["case"] = r.case
         layers.append(row)
@@ -235,9 +240,10 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             "module_type": fd.module_type,
             "onnx_node": fd.onnx_node,
             "op_type": fd.op_type,
-            "kind": fd.kind,
+            "kind": fd.kind.value,
             "max_abs": _finite_or_none(fd.max_abs),
             "message": fd.message,
+            "layer": fd_index,
             "layer_index": fd_index,
             "region": [
                 {"name": n.name, "op_type": n.op_type, "attrs": _plain(n.attrs)}
@@ -265,7 +271,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         model = {
             "path": None if mo.path is None else str(mo.path),
             "architecture": mo.architecture,
-            "kind": mo.kind,
+            "kind": mo.kind.value,
             "input_channels": _plain(mo.input_channels),
             "output_channels": _plain(mo.output_channels),
             "scale": _plain(mo.scale),
@@ -277,7 +283,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         on = d.onnx
         onnx = {
             "path": str(on.path),
-            "exporter": on.exporter,
+            "exporter": on.exporter.value,
             "opset": _plain(on.opset),
             "producer": on.producer,
             "notes": list(on.notes),
@@ -309,7 +315,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
     facts = {
         "input_mutated": bool(f.input_mutated),
         "training_modules": list(f.training_modules),
-        "random_ops": [{"side": r.side, "where": r.where, "op": r.op} for r in f.random_ops],
+        "random_ops": [{"side": r.side.value, "where": r.where, "op": r.op} for r in f.random_ops],
         "onnx_training_nodes": list(f.onnx_training_nodes),
         "mutated_outputs": list(f.mutated_outputs),
         "onnx_input_shape": _plain(f.onnx_input_shape),
@@ -319,7 +325,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "instrumentation_delta": _finite_or_none(f.instrumentation_delta),
         "export_size": _plain(f.export_size),
         "fp16": _fp16_json(f.fp16),
-        "fp16_fix": None if f.fp16_fix is None else {"path": f.fp16_fix[0], "verdict": f.fp16_fix[1]},
+        "fp16_fix": None if f.fp16_fix is None else {"path": f.fp16_fix[0],
+                                                     "verdict": _plain(f.fp16_fix[1])},
         "peak_memory": f.peak_memory,
         "over_memory": bool(f.over_memory),
         "spilled_bytes": int(f.spilled_bytes),
@@ -330,7 +337,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
 
     return {
         "schema": SCHEMA,
-        "verdict": d.verdict,
+        "verdict": d.verdict.value,
         "exit_code": d.exit_code,
         "summary": d.summary,
         "tolerance": {"rtol": settings["rtol"], "atol": settings["atol"]},
@@ -354,7 +361,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "coverage": _plain(d.alignment.coverage()) if d.alignment else None,
         "reproducer": None if d.reproducer is None else {"onnx": d.reproducer[0], "npz": d.reproducer[1]},
         "cases": [
-            {"label": c.label, "kind": c.kind, "shape": list(c.shape), "verdict": c.verdict,
+            {"label": c.label, "kind": c.kind.value, "shape": list(c.shape),
+             "verdict": c.verdict.value,
              "first_divergence": c.first_divergence,
              "max_output_error": _finite_or_none(c.max_output_error), "note": c.note}
             for c in d.cases
@@ -442,26 +450,27 @@ def _env() -> jinja2.Environment:
     return env
 
 
-def _status_title(r: LayerResult, status: str) -> str:
+def _status_title(r: LayerResult) -> str:
     """Hover text of a status badge: why it has that status, in words."""
-    m, lm = r.metrics, r.local
-    if status == "propagated":
+    m, lm, status = r.metrics, r.local, r.status
+    if status == LayerStatus.PROPAGATED:
         why = f" ({m.reason})" if m is not None and m.reason else ""
         return ("its own segment passes on PyTorch's inputs; the total error fails only because of "
                 f"error arriving from upstream{why}")
-    if status == "fail":
+    if status == LayerStatus.FAIL:
         if lm is not None and not lm.passed:
             return f"its own segment fails on PyTorch's inputs: {lm.reason}" if lm.reason else \
                 "its own segment fails on PyTorch's inputs"
         return m.reason if m is not None and m.reason else ""
-    if status == "not_run":
+    if status == LayerStatus.NOT_RUN:
         return "onnxruntime never produced this tensor"
-    if status == "ignored":
+    if status == LayerStatus.IGNORED:
         return "left out by --ignore-layer" + (f"; {m.reason}" if m is not None and m.reason else "")
     return ""
 
 
-REFEREE_LABELS = {"onnx": "off: ONNX", "torch": "off: PyTorch", "noise": "noise"}
+REFEREE_LABELS = {RefereeSide.ONNX: "off: ONNX", RefereeSide.TORCH: "off: PyTorch",
+                  RefereeSide.NOISE: "noise"}
 
 
 def _referee_title(ref: Any) -> str:
@@ -485,10 +494,10 @@ def _referee_words(ref: Any) -> str:
     on, to = float(ref.onnx_error), float(ref.torch_error)
     pair = (f"ONNX is off by {fmt_num(on)}, PyTorch fp32 by {fmt_num(to)} (the layer's fp32 "
             "rounding noise)")
-    if ref.side == "noise":
+    if ref.side == RefereeSide.NOISE:
         return (f"Against a float64 PyTorch run both fp32 sides are within a few times the layer's "
                 f"rounding noise: {pair}. Neither is clearly wrong.")
-    bad, good, bad_v, good_v = (("ONNX", "PyTorch fp32", on, to) if ref.side == "onnx"
+    bad, good, bad_v, good_v = (("ONNX", "PyTorch fp32", on, to) if ref.side == RefereeSide.ONNX
                                 else ("PyTorch fp32", "ONNX", to, on))
     if not math.isfinite(bad_v):
         how = f"{bad} is non-finite where float64 is not, while {good} is off by {fmt_num(good_v)}"
@@ -505,8 +514,8 @@ def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
     several = len(d.cases) > 1
     for i, r in enumerate(d.layers):
         m, lm = r.metrics, r.local
-        status = _status_of(r)
-        css_status = "ignored" if r.ignored else status
+        status = r.status
+        css_status = LayerStatus.IGNORED if r.ignored else status
         norm, lnorm = _normalised(m), _normalised(lm)
         rows.append(
             {
@@ -515,7 +524,7 @@ def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
                 "m": m,
                 "lm": lm,
                 "status": status,
-                "status_label": STATUS_LABELS.get(status, status.replace("_", " ")),
+                "status_label": STATUS_LABELS[status],
                 "css": css_status,
                 "first": i == fd_index,
                 "shape": fmt_shapes(m),
@@ -531,9 +540,9 @@ def _layer_rows(d: Diagnosis, fd_index: int | None) -> list[dict[str, Any]]:
                 "v_local_outlier": _sortkey(lm.outlier_share if lm else None),
                 "v_norm": "" if norm is None else _sortkey(norm, 3),
                 "v_lnorm": "" if lnorm is None else _sortkey(lnorm, 3),
-                "title": _status_title(r, status),
+                "title": _status_title(r),
                 "ref": None if r.referee is None else (
-                    r.referee.side, REFEREE_LABELS.get(r.referee.side, r.referee.side),
+                    r.referee.side, REFEREE_LABELS[r.referee.side],
                     _referee_title(r.referee)),
                 "case": r.case if several else "",
             }
@@ -550,7 +559,7 @@ def _unpaired_rows(d: Diagnosis) -> list[dict[str, Any]]:
     rows = []
     for u in d.alignment.unmatched_torch:
         call = by_label.get(u.name)
-        fused = u.reason.startswith("fused into")
+        fused = u.fused_into is not None
         rows.append({
             "name": u.name, "reason": u.reason,
             "module_type": call.module_type if call else "",
@@ -605,8 +614,7 @@ def layer_counts(d: Diagnosis) -> dict[str, int]:
     counts = {"compared": len(d.layers), "pass": 0, "fail": 0, "propagated": 0, "ignored": 0,
               "not_run": 0}
     for r in d.layers:
-        status = "ignored" if r.ignored else _status_of(r)
-        counts[status if status in counts else "fail"] += 1
+        counts[(LayerStatus.IGNORED if r.ignored else r.status).value] += 1
     return counts
 
 
@@ -654,7 +662,7 @@ def _fd_errors(layer: LayerResult | None) -> dict[str, Any] | None:
             "words": words}
 
 
-METHOD_LABELS = {"weights~": "close weights"}
+METHOD_LABELS = {PairMethod.CLOSE_WEIGHTS: "close weights"}
 
 
 def _coverage_line(d: Diagnosis) -> str:
@@ -694,19 +702,19 @@ def _fp16(d: Diagnosis) -> dict[str, Any] | None:
     fix = d.facts.fp16_fix
     return {"summary": f.summary(), "keep": keep, "clean": f.clean,
             "fix": None if fix is None else {"path": fix[0], "verdict": fix[1],
-                                             "label": VERDICT_LABELS.get(fix[1], fix[1].upper())}}
+                                             "label": VERDICT_LABELS[fix[1]]}}
 
 
 def _context(d: Diagnosis) -> dict[str, Any]:
     fd = d.first_divergence
-    fd_index = _layer_index(d, fd)
+    fd_index = None if fd is None else fd.layer
     rows = _layer_rows(d, fd_index)
     counts = layer_counts(d)
-    fd_layer = _fd_layer(d, fd_index)
+    fd_layer = _fd_layer(d)
     # Drift: outputs off, nobody fails on its own (an ignored layer that does is a cause too).
     ignored_causes = any(r.ignored and (j := r.local or r.metrics) is not None and not j.passed
                          for r in d.layers)
-    drift = (d.verdict == "diverged" and fd is None and counts["fail"] == 0
+    drift = (d.verdict == Verdict.DIVERGED and fd is None and counts["fail"] == 0
              and counts["propagated"] > 0 and not ignored_causes)
 
     fd_suggestions = []
@@ -757,7 +765,7 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "d": d,
         "schema": SCHEMA,
         "verdict": d.verdict,
-        "verdict_label": VERDICT_LABELS.get(d.verdict, d.verdict.upper()),
+        "verdict_label": VERDICT_LABELS[d.verdict],
         "title": " · ".join(title_bits),
         "fd": fd,
         "fd_index": fd_index,
@@ -766,13 +774,14 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "fd_referee": None if fd_layer is None or fd_layer.referee is None
         else _referee_words(fd_layer.referee),
         "cases": list(d.cases) if len(d.cases) > 1 else [],
-        "cases_diverged": sum(1 for c in d.cases if c.verdict == "diverged"),
+        "cases_diverged": sum(1 for c in d.cases if c.verdict == CaseVerdict.DIVERGED),
         "coverage": _coverage_line(d),
         "fp16": _fp16(d),
         "carried_after_fd": 0 if fd_index is None else sum(
-            1 for r in d.layers[fd_index + 1:] if _status_of(r) == "propagated" and not r.ignored),
+            1 for r in d.layers[fd_index + 1:]
+            if r.status == LayerStatus.PROPAGATED and not r.ignored),
         "drift": drift,
-        "fd_kind": KIND_LABELS.get(fd.kind, fd.kind) if fd else "",
+        "fd_kind": KIND_LABELS[fd.kind] if fd else "",
         "fd_suggestions": fd_suggestions,
         "rows": rows,
         "unpaired_rows": _unpaired_rows(d),
@@ -805,7 +814,7 @@ def render_html(d: Diagnosis) -> str:
 
 # =========================================================================== console
 
-_COLORS = {"pass": "32", "diverged": "31", "error": "33"}
+_COLORS = {Verdict.PASS: "32", Verdict.DIVERGED: "31", Verdict.ERROR: "33"}
 
 
 def console_summary(d: Diagnosis, *, color: bool) -> str:
@@ -830,12 +839,12 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
             ) or [indent.rstrip()]
         return out
 
-    label = VERDICT_LABELS.get(d.verdict, d.verdict.upper())
-    lines = [f"layerdiff: {c('1;' + _COLORS.get(d.verdict, '0'), label)}"]
+    label = VERDICT_LABELS[d.verdict]
+    lines = [f"layerdiff: {c('1;' + _COLORS[d.verdict], label)}"]
     if d.summary:
         lines += wrap(d.summary, "  ")
 
-    if d.verdict == "error" and d.error:
+    if d.verdict == Verdict.ERROR and d.error:
         lines.append(f"  {c('33', 'error:')} {d.error.splitlines()[0] if d.error else ''}")
         lines += [f"    {ln}" for ln in d.error.splitlines()[1:6]]
 
@@ -844,7 +853,7 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
         where = fd.module + (f" ({fd.module_type})" if fd.module_type else "")
         lines.append(f"  first divergence: {c('1', where)}")
         bits = [f"ONNX node {fd.onnx_node}", f"op {fd.op_type}", f"kind {fd.kind}"]
-        row = _fd_layer(d, _layer_index(d, fd))
+        row = _fd_layer(d)
         own_total = ""
         if row is not None and row.local is not None and row.metrics is not None:
             on = f", on {row.case}" if row.case and fd.case and row.case != fd.case else ""
@@ -858,7 +867,7 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
         if fd.message:
             msg = fd.message.strip().splitlines()
             lines += wrap(msg[0], "    ")
-            if fd.kind == "runtime_error" and len(msg) > 1:
+            if fd.kind == DivergenceKind.RUNTIME_ERROR and len(msg) > 1:
                 lines += [f"    {ln}" for ln in msg[1:4]]
         if fd.downstream_of_ignored:
             lines.append(

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import Diagnosis, FirstDivergence, LayerResult, Metrics
+from .records import Diagnosis, LayerResult, LayerStatus, Metrics
 
 
 # =========================================================================== numbers
@@ -127,38 +127,13 @@ def fmt_value(v: Any, limit: int = 160) -> str:
 # =========================================================================== status
 
 
-def _layer_index(d: Diagnosis, fd: FirstDivergence | None) -> int | None:
-    """Position in d.layers of the first divergence's row, if there is one."""
-    if fd is None:
-        return None
-    candidates = [i for i, r in enumerate(d.layers) if r.module == fd.module]
-    for i in candidates:
-        if d.layers[i].onnx_node == fd.onnx_node:
-            return i
-    if candidates:
-        return candidates[0]
-    for i, r in enumerate(d.layers):
-        if r.onnx_node == fd.onnx_node:
-            return i
-    return None
-
-
 STATUS_LABELS = {
-    "pass": "pass",
-    "fail": "fail",
-    "propagated": "propagated",
-    "ignored": "ignored",
-    "not_run": "not run",
+    LayerStatus.PASS: "pass",
+    LayerStatus.FAIL: "fail",
+    LayerStatus.PROPAGATED: "propagated",
+    LayerStatus.IGNORED: "ignored",
+    LayerStatus.NOT_RUN: "not run",
 }
-
-
-def _status_of(r: LayerResult) -> str:
-    """The layer's status; derived from its metrics for records that carry none."""
-    if r.status:
-        return r.status
-    if r.metrics is None:
-        return "not_run"
-    return "pass" if r.metrics.passed else "fail"
 
 
 def _normalised(m: Metrics | None) -> float | None:
@@ -174,5 +149,7 @@ def _normalised(m: Metrics | None) -> float | None:
     return err / scale
 
 
-def _fd_layer(d: Diagnosis, fd_index: int | None) -> LayerResult | None:
-    return None if fd_index is None else d.layers[fd_index]
+def _fd_layer(d: Diagnosis) -> LayerResult | None:
+    """The first divergence's row in the layer table, if it has one."""
+    fd = d.first_divergence
+    return None if fd is None or fd.layer is None else d.layers[fd.layer]

@@ -18,13 +18,11 @@ from typing import Any
 import markupsafe
 import numpy as np
 
-from .records import Diagnosis, FirstDivergence, LayerResult, Metrics
+from .records import Diagnosis, FirstDivergence, LayerResult, LayerStatus, Metrics
 from .report_format import (
     _fd_layer,
     _finite_or_none,
-    _layer_index,
     _normalised,
-    _status_of,
     fmt_num,
     fmt_pct,
     fmt_shape,
@@ -52,21 +50,20 @@ def _nice_step(n: int, max_ticks: int = 10) -> int:
 
 def _acc_class(r: LayerResult, v: float) -> str:
     """Colour class of a layer's accumulated-error dot."""
-    status = _status_of(r)
-    if r.ignored or status == "ignored":
+    if r.ignored or r.status == LayerStatus.IGNORED:
         return "ignored"
     if not math.isfinite(v):
         return "nonfinite"
-    if status == "fail":
+    if r.status == LayerStatus.FAIL:
         return "fail"
-    if status == "propagated":
+    if r.status == LayerStatus.PROPAGATED:
         return "propagated"
     return "pass"
 
 
 def _local_class(r: LayerResult, v: float) -> str:
     """Colour class of a layer's local-error ring."""
-    if r.ignored or _status_of(r) == "ignored":
+    if r.ignored or r.status == LayerStatus.IGNORED:
         return "ignored"
     if not math.isfinite(v):
         return "nonfinite"
@@ -150,7 +147,7 @@ def _chart(d: Diagnosis, fd_index: int | None) -> dict[str, Any] | None:
             if v is None:
                 pen = False
                 continue
-            if v == 0 or r.ignored or _status_of(r) == "ignored":
+            if v == 0 or r.ignored or r.status == LayerStatus.IGNORED:
                 continue
             out.append(f"{'L' if pen else 'M'}{xpos(i):.1f} {ypos(v):.1f}")
             pen = True
@@ -159,7 +156,7 @@ def _chart(d: Diagnosis, fd_index: int | None) -> dict[str, Any] | None:
     fd_point = None
     for i, (r, a, lv) in enumerate(zip(d.layers, acc, loc)):
         x = xpos(i)
-        if _status_of(r) == "fail" and not r.ignored:
+        if r.status == LayerStatus.FAIL and not r.ignored:
             bands.append(f"M{x - band_w / 2:.1f} {CHART_T}h{band_w:.1f}v{axis_y - CHART_T}h{-band_w:.1f}z")
         if lv is not None:
             y = ypos(lv)
@@ -239,9 +236,10 @@ def _chart(d: Diagnosis, fd_index: int | None) -> dict[str, Any] | None:
 def _chart_reading(d: Diagnosis, acc: list[float | None], loc: list[float | None]) -> list[str]:
     """A few plain sentences saying what the chart shows: a jump or drift (no verdicts of
     its own: only the statuses and numbers already in the diagnosis)."""
-    counted = [(i, r) for i, r in enumerate(d.layers) if not r.ignored and _status_of(r) != "ignored"]
-    causes = [i for i, r in counted if _status_of(r) == "fail"]
-    carried = [i for i, r in counted if _status_of(r) == "propagated"]
+    counted = [(i, r) for i, r in enumerate(d.layers)
+               if not r.ignored and r.status != LayerStatus.IGNORED]
+    causes = [i for i, r in counted if r.status == LayerStatus.FAIL]
+    carried = [i for i, r in counted if r.status == LayerStatus.PROPAGATED]
     out: list[str] = []
 
     def rel(v: float | None) -> str:
@@ -418,7 +416,7 @@ def _neighbourhood(d: Diagnosis, fd: FirstDivergence | None) -> dict[str, Any] |
     by_index = {c.index: c for c in d.calls}
     status: dict[str, str] = {}
     for r in d.layers:
-        status.setdefault(r.module, "ignored" if r.ignored else _status_of(r))
+        status.setdefault(r.module, "ignored" if r.ignored else r.status.value)
     pair_of: dict[int, Any] = {}
     for p in (d.alignment.pairs if d.alignment else ()):
         pair_of.setdefault(p.call, p)
@@ -593,7 +591,7 @@ def _hist_metrics(d: Diagnosis, name: str) -> Metrics | None:
     """The metrics whose tolerance applies to a preview called ``name``."""
     low = name.lower()
     if low.startswith("first divergence"):
-        row = _fd_layer(d, _layer_index(d, d.first_divergence))
+        row = _fd_layer(d)
         return None if row is None else row.metrics
     for o in d.outputs:
         if low.startswith("final output") or o.name in name:

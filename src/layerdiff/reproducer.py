@@ -24,10 +24,11 @@ import onnx_graphsurgeon as gs
 
 from .capture_onnx import OnnxGraph
 from .files import atomic_write, reproducer_paths
+from .records import DivergenceKind
 
 EXPECTED = "expected"
 # First divergences whose tensor can be compared number by number.
-KINDS = ("numeric", "nonfinite")
+KINDS = (DivergenceKind.NUMERIC, DivergenceKind.NONFINITE)
 
 
 @dataclass(frozen=True)

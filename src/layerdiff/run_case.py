@@ -34,8 +34,8 @@ from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
 from .records import (
-    Alignment, CaseResult, FirstDivergence, InputSpec, LayerResult, LoadedModel, Metrics,
-    OutputResult, Referee, Settings, TorchCall, Unmatched,
+    Alignment, CaseResult, DivergenceKind, FirstDivergence, InputSpec, LayerResult, LoadedModel,
+    Metrics, OutputResult, Referee, RefereeSide, Settings, TorchCall, Unmatched,
 )
 from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
 
@@ -170,12 +170,10 @@ class CaseRunner:
                          captured.training_modules, notes, plan=plan, noise=noise,
                          output_noise=output_noise, random_ops=captured.random_ops)
         first_onnx = None
-        if divergence is not None:
-            layer = next((l for l in layers if l.status == "fail"
-                          and l.module == divergence.module), None)
-            if layer is not None:
-                first_onnx = next((second.values[role] for role, (_, t) in second.kept.items()
-                                   if t == layer.onnx_tensor), None)
+        if divergence is not None and divergence.kind != DivergenceKind.RUNTIME_ERROR:
+            layer = layers[divergence.layer]  # a failing layer
+            first_onnx = next((second.values[role] for role, (_, t) in second.kept.items()
+                               if t == layer.onnx_tensor), None)
         if second.values is not None:
             second.values.clear()
         if first_onnx is not None:
@@ -441,18 +439,18 @@ def _referee_of(metrics: Metrics, fp32: np.ndarray, onnx_value: np.ndarray,
     flat32, flat_res = fp32.reshape(-1), residual.reshape(-1)
     flat_onnx = onnx_value.reshape(-1) if onnx_value.size == fp32.size else None
     if flat_onnx is None:
-        return Referee(float(np.abs(residual).max()) if residual.size else 0.0, float("inf"), "onnx")
+        return Referee(float(np.abs(residual).max()) if residual.size else 0.0, float("inf"), RefereeSide.ONNX)
     for lo in range(0, flat32.size, CHUNK):
         res = flat_res[lo:lo + CHUNK].astype(np.float64)
         off = flat_onnx[lo:lo + CHUNK].astype(np.float64) - flat32[lo:lo + CHUNK] - res
         torch_error = max(torch_error, _finite_max(res))
         onnx_error = max(onnx_error, _finite_max(off))
     if onnx_error > 2 * torch_error + 1e-12 and not metrics.passed:
-        side = "onnx"
+        side = RefereeSide.ONNX
     elif torch_error > 2 * onnx_error + 1e-12 and not metrics.passed:
-        side = "torch"
+        side = RefereeSide.TORCH
     else:
-        side = "noise"
+        side = RefereeSide.NOISE
     return Referee(torch_error, onnx_error, side)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..records import InputKind, InputSpec
+from ..records import CaseKind, InputKind, InputSpec
 from .readers import from_file, read_npz
 from .sampling import as_dtype, random_input, sample, torch_dtype
 from .specs import Request, forward_params, resolve
@@ -32,7 +32,7 @@ __all__ = ["Case", "InputSpec", "Request", "as_call", "cases", "default_check_si
 class Case:
     label: str  # "random seed 0", "photo.png", "random 49x81"
     values: dict[str, torch.Tensor]  # input name -> values, in forward()'s order
-    kind: str  # "random" | "file" | "data" | "size"
+    kind: CaseKind
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -112,8 +112,8 @@ def cases(specs: Sequence[InputSpec], seed: int, *, samples: int = 1,
           given: Mapping[str, torch.Tensor] | None = None) -> list[Case]:
     """The main input first (``given`` values, or random), then more random ones, files,
     the ``data`` arrays, and other sizes."""
-    found = [Case("given inputs", dict(given), "given")] if given else []
-    found += [Case(f"random (seed {seed + i})", draw(specs, seed + i), "random")
+    found = [Case("given inputs", dict(given), CaseKind.GIVEN)] if given else []
+    found += [Case(f"random (seed {seed + i})", draw(specs, seed + i), CaseKind.RANDOM)
               for i in range(max(samples, 1) - len(found))]
     main = next((s for s in specs if s.kind == InputKind.IMAGE), None)
     for path in files:
@@ -124,10 +124,10 @@ def cases(specs: Sequence[InputSpec], seed: int, *, samples: int = 1,
         sized = _resized(specs, main, tuple(image.shape[-2:]))
         values = draw(sized, seed)
         values[main.name] = image
-        found.append(Case(Path(path).name, values, "file"))
+        found.append(Case(Path(path).name, values, CaseKind.FILE))
     if data:
         found.append(Case(data_label or "input data", values_from(specs, data, data_label),
-                          "data"))
+                          CaseKind.DATA))
     lead = next((s for s in specs if s.dynamic_axes), None)
     for size in sizes:
         if lead is None or tuple(size) == tuple(lead.shape[a] for a in lead.dynamic_axes):
@@ -138,7 +138,7 @@ def cases(specs: Sequence[InputSpec], seed: int, *, samples: int = 1,
                              hint="give " + ("H,W" if len(lead.dynamic_axes) == 2 else "a length")
                                   + " per size")
         sized = _resized(specs, lead, tuple(size))
-        found.append(Case(f"random {'x'.join(map(str, size))}", draw(sized, seed), "size"))
+        found.append(Case(f"random {'x'.join(map(str, size))}", draw(sized, seed), CaseKind.SIZE))
     return found
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError, UsageError
-from ..records import LoadedModel
+from ..records import LoadedModel, ModelKind
 from .common import DEFAULT_INPUT_CHANNELS, claimed, first_layer_in_channels, unreadable
 from .entry_point import EntryPoint, parse as parse_entry_point
 
@@ -75,7 +75,7 @@ def from_module(module: Any, *, input_channels: int | None = None,
     return LoadedModel(
         module=module,
         path=None,
-        kind="module",
+        kind=ModelKind.MODULE,
         architecture=name or type(module).__name__,
         input_channels=input_channels,
         notes=notes,

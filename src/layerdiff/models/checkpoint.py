@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError, UntrustedPickleError
-from ..records import LoadedModel
+from ..records import LoadedModel, ModelKind
 from . import spandrel
 from .common import DEFAULT_INPUT_CHANNELS, first_layer_in_channels, one_line, unreadable
 
@@ -30,7 +30,7 @@ def load(path: Path, trust_pickle: bool) -> LoadedModel:
         return LoadedModel(
             module=content,
             path=path,
-            kind="pickle",
+            kind=ModelKind.PICKLE,
             architecture=type(content).__name__,
             input_channels=first_layer_in_channels(content) or DEFAULT_INPUT_CHANNELS,
         )

@@ -78,8 +78,10 @@ def load(entry: EntryPoint) -> LoadedModel:
         module.eval()
         notes.append(f"{entry.name} gave a module in training mode; layerdiff put it in eval "
                      "mode, as it is deployed")
+    from ..records import ModelKind
+
     loaded = from_module(module)
-    return replace(loaded, path=entry.file, kind="entry_point", stem=entry.stem,
+    return replace(loaded, path=entry.file, kind=ModelKind.ENTRY_POINT, stem=entry.stem,
                    notes=tuple(notes) + loaded.notes)
 
 

@@ -12,7 +12,7 @@ import spandrel
 import torch
 
 from ..errors import ModelLoadError
-from ..records import InputKind, InputSpec, LoadedModel
+from ..records import InputKind, InputSpec, LoadedModel, ModelKind
 from .common import one_line
 
 # The size an image input gets when the architecture takes any (adjusted to its
@@ -35,7 +35,7 @@ def from_state_dict(path: Path, raw: dict) -> LoadedModel:
     return LoadedModel(
         module=descriptor.model,
         path=path,
-        kind="spandrel",
+        kind=ModelKind.SPANDREL,
         architecture=descriptor.architecture.name,
         input_channels=descriptor.input_channels,
         output_channels=descriptor.output_channels,

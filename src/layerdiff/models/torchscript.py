@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from ..records import LoadedModel
+from ..records import LoadedModel, ModelKind
 from .common import CORRUPT_HINT, DEFAULT_INPUT_CHANNELS, first_weight_in_channels, one_line
 from .common import unreadable
 
@@ -37,7 +37,7 @@ def load(path: Path, trust_pickle: bool) -> LoadedModel:
     return LoadedModel(
         module=module,
         path=path,
-        kind="torchscript",
+        kind=ModelKind.TORCHSCRIPT,
         architecture=module.original_name,
         input_channels=first_weight_in_channels(module) or DEFAULT_INPUT_CHANNELS,
     )

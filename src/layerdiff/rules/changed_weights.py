@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, PairMethod, Suggestion
 from . import Rule
 from ._helpers import where
 
@@ -19,9 +19,9 @@ def check(d: Diagnosis) -> Suggestion | None:
     first = d.first_divergence
     if first is None:
         return None
-    layer = next((l for l in d.layers if l.module == first.module), None)
+    layer = d.layers[first.layer] if first.layer is not None else None
     changed = d.alignment.changed_weights if d.alignment else ()
-    if layer is None or not (layer.method == "weights~"
+    if layer is None or not (layer.method == PairMethod.CLOSE_WEIGHTS
                              or any(d.calls[i].label == first.module for i in changed)):
         return None
     return Suggestion(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 
 from ..compare import NOISE_FACTOR, OUTLIER_SHARE
-from ..records import Diagnosis, Metrics, Suggestion
+from ..records import Diagnosis, LayerStatus, Metrics, Suggestion, Verdict
 from . import Rule
 
 RULE_ID = "float_drift"
@@ -95,17 +95,17 @@ def suggested_tolerance(d: Diagnosis) -> tuple[float, float, str]:
 
 
 def check(d: Diagnosis) -> Suggestion | None:
-    if d.verdict == "error" or d.first_divergence is not None or d.facts.random_ops:
+    if d.verdict == Verdict.ERROR or d.first_divergence is not None or d.facts.random_ops:
         return None
     counted = [l for l in d.layers if not l.ignored]
-    if any(l.status in ("fail", "not_run") for l in counted):
+    if any(l.status in (LayerStatus.FAIL, LayerStatus.NOT_RUN) for l in counted):
         return None
     if any(l.ignored and l.local is not None and not l.local.passed for l in d.layers):
         return None
-    drifting = [l for l in counted if l.status == "propagated"]
+    drifting = [l for l in counted if l.status == LayerStatus.PROPAGATED]
     if not drifting:
         return None
-    if any(m.shape_torch != m.shape_onnx or m.reason.startswith("NaN/Inf")
+    if any(m.shape_torch != m.shape_onnx or m.nonfinite_differs
            for _, m, _ in _tensors(d) if not m.passed):
         return None
 

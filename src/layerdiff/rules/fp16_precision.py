@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, Suggestion, Verdict
 from . import Rule
 
 
@@ -21,7 +21,7 @@ def check(d: Diagnosis) -> Suggestion | None:
     detail = findings.summary()
     if d.facts.fp16_fix is not None:
         path, verdict = d.facts.fp16_fix
-        detail += f" The mixed-precision model written to {path} {'passes' if verdict == 'pass' else 'still diverges'}."
+        detail += f" The mixed-precision model written to {path} {'passes' if verdict == Verdict.PASS else 'still diverges'}."
     return Suggestion(
         "fp16_precision", "Keep these layers in float32",
         detail,

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import CaseKind, CaseVerdict, Diagnosis, DivergenceKind, Suggestion
 from . import Rule
 from ._helpers import where
 
@@ -40,7 +40,7 @@ def check(d: Diagnosis) -> Suggestion | None:
             f"The model passes at {main} but at {failing} {what}. A size, padding, crop or mask "
             "computed when the model was traced is stored as a constant and does not fit other "
             "inputs.", FIX, where(d) if first is not None and first.case == case.label else ())
-    if first is not None and first.kind == "runtime_error":
+    if first is not None and first.kind == DivergenceKind.RUNTIME_ERROR:
         text = first.message.lower()
         if "invalid dimensions" in text or fixed_mismatch:
             return Suggestion(
@@ -59,10 +59,10 @@ def check(d: Diagnosis) -> Suggestion | None:
 
 def _only_at_another_size(d: Diagnosis):
     """(main size, failing size, its case) when the main input passes and a size diverges."""
-    if not d.cases or d.cases[0].verdict != "pass":
+    if not d.cases or d.cases[0].verdict != CaseVerdict.PASS:
         return None
     first = d.first_divergence
-    failing = [c for c in d.cases if c.kind == "size" and c.verdict == "diverged"]
+    failing = [c for c in d.cases if c.kind == CaseKind.SIZE and c.verdict == CaseVerdict.DIVERGED]
     if not failing:
         return None
     case = next((c for c in failing if first is not None and c.label == first.case), failing[0])

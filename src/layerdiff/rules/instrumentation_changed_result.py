@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, Side, Suggestion
 from . import Rule
 
 RULE_ID = "instrumentation_changed_result"
@@ -25,7 +25,7 @@ SHARE = 0.1  # of an output's tolerance
 
 def check(d: Diagnosis) -> Suggestion | None:
     delta = d.facts.instrumentation_delta
-    if not delta or not d.outputs or any(r.side == "onnx" for r in d.facts.random_ops):
+    if not delta or not d.outputs or any(r.side == Side.ONNX for r in d.facts.random_ops):
         return None
     s = d.settings
     tolerance = {o.name: s.atol + s.rtol * o.metrics.scale for o in d.outputs}

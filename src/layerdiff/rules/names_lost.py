@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, Suggestion, Verdict
 from . import Rule
 from ._helpers import where
 
@@ -21,11 +21,11 @@ TITLE = "The ONNX file has no module names"
 
 def check(d: Diagnosis) -> Suggestion | None:
     a = d.alignment
-    if a is None or a.has_scopes or d.verdict == "pass":
+    if a is None or a.has_scopes or d.verdict == Verdict.PASS:
         return None
     coverage = a.coverage()
-    fused = [u for u in a.unmatched_torch if u.reason.startswith("fused into")]
-    unpaired = [u for u in a.unmatched_torch if not u.reason.startswith("fused into")]
+    fused = [u for u in a.unmatched_torch if u.fused_into is not None]
+    unpaired = [u for u in a.unmatched_torch if u.fused_into is None]
     methods = ", ".join(f"{n} by {m}" for m, n in coverage["by_method"].items())
     detail = (f"The ONNX nodes carry no module names, so layerdiff paired the "
               f"{coverage['modules']} module calls with ONNX tensors by parameter values and "
@@ -37,7 +37,7 @@ def check(d: Diagnosis) -> Suggestion | None:
               + ".")
     first = d.first_divergence
     if first is not None and first.module:
-        method = next((l.method for l in d.layers if l.module == first.module), "")
+        method = d.layers[first.layer].method if first.layer is not None else ""
         detail += (f" The first divergence, {first.module}, was paired by {method}"
                    if method else f" The first divergence is reported at {first.module}")
         detail += ("; a fault inside a module that could not be paired shows at the next "

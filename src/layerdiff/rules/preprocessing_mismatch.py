@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, DivergenceKind, Suggestion
 from . import Rule
 from ._helpers import where
 
@@ -28,16 +28,17 @@ CHANNEL_OPS = {"Gather", "Slice", "Split", "Concat", "Transpose"}
 
 def check(d: Diagnosis) -> Suggestion | None:
     first = d.first_divergence
-    if first is None or first.kind != "numeric" or not first.region:
+    if first is None or first.kind != DivergenceKind.NUMERIC or not first.region:
         return None
-    layer = next((l for l in d.layers if l.module == first.module and l.status == "fail"), None)
-    if layer is None or any(l.order < layer.order for l in d.layers if not l.ignored):
+    layer = d.layers[first.layer]
+    if any(l.order < layer.order for l in d.layers if not l.ignored):
         return None
     pre = first.region[0]
     if pre.name == first.onnx_node:
         return None
     axis = pre.attrs.get("axis")
-    if pre.op_type in SCALE_OPS:
+    rescales = pre.op_type in SCALE_OPS
+    if rescales:
         kind = "rescales or shifts"
     elif pre.op_type in CHANNEL_OPS and (axis in (None, 1) or pre.op_type == "Transpose"):
         kind = "reorders or selects the channels of"
@@ -48,12 +49,12 @@ def check(d: Diagnosis) -> Suggestion | None:
     detail = (f"The first divergence is the first compared layer, {first.module}, and before "
               f"its own op the ONNX graph {kind} the input with {pre.op_type} '{pre.name}'. "
               f"Its output is off by {ratio:.3g} times its range (cosine {m.cosine:.3f}).")
-    if kind.startswith("rescales") and ratio > 2:
+    if rescales and ratio > 2:
         factor = 1 + ratio
         detail += (f" The ONNX values are roughly {factor:.3g} times torch's"
                    + (" (an input scaled to 0-255 where the model expects 0-1)"
                       if 150 < factor < 400 else "") + ".")
-    elif kind.startswith("reorders"):
+    elif not rescales:
         detail += " A channel order swapped between RGB and BGR shows like this."
     detail += (" The checkpoint and the ONNX file expect differently prepared inputs; the "
                "record cannot prove the values are a permutation or a multiple of torch's.")

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, Side, Suggestion, Verdict
 from . import Rule
 
 RULE_ID = "random_ops"
@@ -25,11 +25,11 @@ TITLE = "The model draws random numbers in forward"
 
 def check(d: Diagnosis) -> Suggestion | None:
     ops = d.facts.random_ops
-    if not ops or d.verdict == "pass":
+    if not ops or d.verdict == Verdict.PASS:
         return None
     parts = []
-    torch_side = [r for r in ops if r.side == "torch"]
-    onnx_side = [r for r in ops if r.side == "onnx"]
+    torch_side = [r for r in ops if r.side == Side.TORCH]
+    onnx_side = [r for r in ops if r.side == Side.ONNX]
     if torch_side:
         parts.append("PyTorch draws random numbers in forward ("
                      + ", ".join(f"{r.op} in {r.where}" for r in torch_side[:4]) + ")")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from ..records import Diagnosis, Suggestion
+from ..records import Diagnosis, DivergenceKind, Suggestion
 from . import Rule
 from ._helpers import suspects, where
 
@@ -47,7 +47,7 @@ def check(d: Diagnosis) -> Suggestion | None:
         if not first.module_type.startswith("Reflection"):
             torch_side += (" It does not pad by reflection: the ONNX Pad's mode differs from "
                            "the model's.")
-    if first.kind == "runtime_error":
+    if first.kind == DivergenceKind.RUNTIME_ERROR:
         found = _ORT_MESSAGE.search(first.message)
         if found:
             side, pad, allowed, axis = found.groups()
