@@ -216,7 +216,11 @@ def _export_dynamo(
     options: dict = {} if opset is None else {"opset_version": opset}
     if dynamic:
         # Batch stays as traced: a free batch of 1 is specialised by torch.export anyway.
-        auto = {name: {a: torch.export.Dim.AUTO for a in axes if a > 0}
+        # Named as in the legacy export: axes that share a name must agree (a sequence's
+        # ids and attention mask), which is what lets the exporter keep them free.
+        ranks = dict(zip(example.input_names,
+                         (t.dim() for t in (*example.args, *example.kwargs.values()))))
+        auto = {name: {a: _axis_name(name, a, ranks.get(name, 0)) for a in axes if a > 0}
                 for name, axes in example.dynamic.items()}
         names = _parameter_names(module, example)
         if names is not None:

@@ -28,8 +28,8 @@ from .models import from_module, load_model, model_file, output_stem
 from .options import Options
 from .records import (
     Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, DivergenceKind, Facts,
-    FirstDivergence, InputKind, LayerResult, LayerStatus, LoadedModel, OnnxSource, OutputResult,
-    RandomOp, Settings, Side, TorchCall, Verdict,
+    FirstDivergence, InputKind, LayerResult, LayerStatus, LoadedModel, ModelKind, OnnxSource,
+    OutputResult, RandomOp, Settings, Side, TorchCall, Verdict,
 )
 from .rules import suggest
 from .run_case import CaseRun as _Case, CaseRunner
@@ -185,10 +185,13 @@ def _specs(loaded: LoadedModel, graph: capture_onnx.OnnxGraph | None, request,
 def _example(loaded: LoadedModel, specs, values) -> Example:
     """What an export traces: the image model's one input named "input" as before; any
     other model's inputs by their names, and its outputs by what forward() returns."""
-    if len(specs) == 1 and specs[0].kind == InputKind.IMAGE and not specs[0].keyword:
+    image = len(specs) == 1 and specs[0].kind == InputKind.IMAGE and not specs[0].keyword
+    if image and loaded.kind == ModelKind.SPANDREL:  # one image out, as spandrel runs it
         return Example.image(values[specs[0].name])
     args, kwargs = cases_.as_call(specs, values)
     outputs = capture_torch.output_names(loaded.module, (args, kwargs))
+    if image and outputs == ["output"]:
+        return Example.image(values[specs[0].name])
     return Example(args, kwargs, tuple(s.name for s in specs),
                    {s.name: s.dynamic_axes for s in specs if s.dynamic_axes},
                    tuple(outputs) if outputs != ["output"] else ("output",))

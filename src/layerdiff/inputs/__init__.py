@@ -150,8 +150,11 @@ def _resized(specs: Sequence[InputSpec], lead: InputSpec, size: tuple[int, ...])
     """``specs`` with ``lead``'s dynamic axes at ``size``, and every input that varies along
     as many axes (an image's mask, a sequence's attention mask) resized alike."""
     out = []
+    along = [lead.shape[a] for a in lead.dynamic_axes]
     for spec in specs:
-        if len(spec.dynamic_axes) == len(lead.dynamic_axes):
+        # Inputs that follow the lead along those axes (an image's mask) follow it here.
+        if len(spec.dynamic_axes) == len(lead.dynamic_axes) \
+                and [spec.shape[a] for a in spec.dynamic_axes] == along:
             shape = list(spec.shape)
             for axis, extent in zip(spec.dynamic_axes, size):
                 shape[axis] = extent

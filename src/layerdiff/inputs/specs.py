@@ -298,9 +298,9 @@ def _shapes(specs: list[InputSpec], graph_inputs, request: Request,
                           for axis, d in enumerate(spec.shape))
         if shape is None:
             shape = _default_shape(spec, reference, channels)
-        dynamic = _dynamic(spec, dims, len(shape)) if dims is not None or not spec.dynamic_axes \
-            else spec.dynamic_axes
-        spec = replace(spec, shape=tuple(int(d) for d in shape), dynamic_axes=dynamic)
+        spec = replace(spec, shape=tuple(int(d) for d in shape))
+        if dims is not None or not spec.dynamic_axes:
+            spec = replace(spec, dynamic_axes=_dynamic(spec, dims, len(shape)))
         reference.setdefault(_family(spec.kind), spec.shape)
         done.append(spec)
     return done
@@ -373,7 +373,7 @@ def _dynamic(spec: InputSpec, dims: tuple | None, rank: int) -> tuple[int, ...]:
     an export, an image's height and width and a sequence's length."""
     if dims is not None:
         return tuple(a for a, d in enumerate(dims) if a > 0 and not (isinstance(d, int) and d > 0))
-    if spec.kind in (InputKind.IMAGE, InputKind.MASK) and rank == 4:
+    if spec.kind in (InputKind.IMAGE, InputKind.MASK) and rank == 4 and spec.shape[2:] != (1, 1):
         return (2, 3)
     if spec.kind in (InputKind.TOKENS, InputKind.ATTENTION_MASK) and rank == 2:
         return (1,)
