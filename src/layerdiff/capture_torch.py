@@ -266,13 +266,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], 
             else:
                 result = model(*own_args, **own_kwargs)
     except Exception as exc:  # the user's model failed on our input
-        shapes = ", ".join(str(tuple(t.shape)) for t in originals)
-        raise LayerdiffError(
-            f"the PyTorch model failed on input{'s' if len(originals) > 1 else ''} of shape "
-            f"{shapes}: {type(exc).__name__}: {first_line(exc)}",
-            hint="check --input-shape: channels and a size the model accepts"
-                 + ("" if len(originals) == 1 else ", for each input (NAME:D0,D1,...)"),
-        ) from exc
+        raise _failed(exc, originals) from exc
     finally:
         with torch.no_grad():
             for name, value in model.named_buffers():
@@ -309,9 +303,21 @@ def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], 
 def output_names(model: torch.nn.Module, example: tuple[tuple, dict]) -> list[str]:
     """The names of what ``model`` returns on ``example`` (named_tensors), from a plain run."""
     args, kwargs = example
-    with torch.no_grad():
-        result = model(*(a.clone() for a in args), **{k: v.clone() for k, v in kwargs.items()})
+    try:
+        with torch.no_grad():
+            result = model(*(a.clone() for a in args), **{k: v.clone() for k, v in kwargs.items()})
+    except Exception as exc:  # the user's model failed on our input
+        raise _failed(exc, [*args, *kwargs.values()]) from exc
     return [name for name, _ in named_tensors(result)]
+
+
+def _failed(exc: Exception, inputs: list[torch.Tensor]) -> LayerdiffError:
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+    return LayerdiffError(
+        f"the PyTorch model failed on input{'s' if len(inputs) > 1 else ''} of shape "
+        f"{shapes}: {type(exc).__name__}: {first_line(exc)}",
+        hint="check --input-shape: channels and a size the model accepts"
+             + ("" if len(inputs) == 1 else ", for each input (NAME:D0,D1,...)"))
 
 
 def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

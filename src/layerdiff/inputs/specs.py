@@ -93,6 +93,10 @@ def resolve(module: Any, hints: Sequence[InputSpec], graph_inputs: Sequence[Grap
         declared = onnx[1:] if onnx else None
         specs.append(_describe(name, onnx[0] if onnx else None, keyword, default,
                                hint_of.get(name), declared, request, module))
+    if any(s.kind == InputKind.MASK for s in specs) and channels > 1 \
+            and not any(h.kind == InputKind.IMAGE and h.shape for h in hints):
+        # The first layer of an inpainting model takes the image and its mask stacked.
+        channels -= 1
     specs = _shapes(specs, graph_inputs, request, channels)
     return tuple(specs), notes
 
@@ -112,10 +116,12 @@ def _choose(params: list[Param] | None, hints: Sequence[InputSpec],
     by_name = {p.name: p for p in params}
     if graph_inputs is None:
         wanted = [p for p in params
-                  if (p.required and not p.keyword_only) or p.name in request.named()
-                  or p.name in {h.name for h in hints} or (p.required and p.keyword_only)]
-        if not wanted and params:
-            wanted = [params[0]]
+                  if p.required or p.name in request.named() or p.name in {h.name for h in hints}]
+        # forward(input_ids=None, attention_mask=None, ...) (Hugging Face): all optional;
+        # the first is the one the model cannot do without.
+        if params and not any(p.required and not p.keyword_only for p in params) \
+                and not params[0].keyword_only and params[0] not in wanted:
+            wanted.insert(0, params[0])
         return _call_order(params, [(p.name, None) for p in wanted])
     # Pair each ONNX input with a parameter: by name first, then the rest by position.
     paired: dict[str, GraphInput] = {}
