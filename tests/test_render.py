@@ -461,7 +461,7 @@ def test_json_nonfinite_become_null(diverged: Diagnosis):
     assert not_run and all(r["passed"] is None and r["max_abs"] is None for r in not_run)
     assert j["first_divergence"]["module"] == "upsample"
     assert j["first_divergence"]["max_abs"] == pytest.approx(0.0417)
-    assert j["layers"][j["first_divergence"]["layer_index"]]["module"] == "upsample"
+    assert j["layers"][j["first_divergence"]["layer"]]["module"] == "upsample"
     # attrs with numpy arrays / bytes still serialise
     region = j["first_divergence"]["region"]
     assert region[1]["attrs"]["mode"] == "cubic"
@@ -686,7 +686,7 @@ def test_chart_edge_cases():
                                                                       onnx_node="/nowhere", layer=None))
     html = render.render_html(dv)
     assert 'class="fd-line"' not in html and "in the layer table" not in html
-    assert render.to_json_dict(dv)["first_divergence"]["layer_index"] is None
+    assert render.to_json_dict(dv)["first_divergence"]["layer"] is None
 
 
 def test_previews_odd_arrays():
@@ -759,7 +759,7 @@ def test_json_local(any_diag: Diagnosis):
 
 def test_json_local_values(diverged: Diagnosis):
     j = render.to_json_dict(diverged)
-    fd = j["layers"][j["first_divergence"]["layer_index"]]
+    fd = j["layers"][j["first_divergence"]["layer"]]
     assert fd["status"] == "fail" and fd["local"]["passed"] is False
     assert fd["local"]["max_abs"] == pytest.approx(0.0417)
     assert j["first_divergence"]["local_max_abs"] == pytest.approx(0.0417)

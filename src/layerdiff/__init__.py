@@ -8,17 +8,22 @@ __version__ = "0.1.0"
 
 from .errors import LayerdiffError  # noqa: E402
 
-__all__ = ["diagnose", "Diagnosis", "FirstDivergence", "LayerResult", "Suggestion",
+__all__ = ["diagnose", "Options", "Diagnosis", "FirstDivergence", "LayerResult", "Suggestion",
+           "InputSpec", "InputKind", "Verdict", "LayerStatus", "DivergenceKind",
            "LayerdiffError", "__version__"]
 
 # The rest needs torch, which takes seconds to import: loaded on first use (PEP 562), so
 # that `layerdiff --help` and argument errors answer at once.
-_LAZY = {"diagnose": "pipeline", "Diagnosis": "records", "FirstDivergence": "records",
-         "LayerResult": "records", "Suggestion": "records"}
+_LAZY = {"diagnose": "pipeline", "Options": "options", "Diagnosis": "records",
+         "FirstDivergence": "records", "LayerResult": "records", "Suggestion": "records",
+         "InputSpec": "records", "InputKind": "records", "Verdict": "records",
+         "LayerStatus": "records", "DivergenceKind": "records"}
 
 if TYPE_CHECKING:
+    from .options import Options
     from .pipeline import diagnose
-    from .records import Diagnosis, FirstDivergence, LayerResult, Suggestion
+    from .records import (Diagnosis, DivergenceKind, FirstDivergence, InputKind, InputSpec,
+                          LayerResult, LayerStatus, Suggestion, Verdict)
 
 
 def __getattr__(name: str) -> Any:

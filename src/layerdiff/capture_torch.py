@@ -253,13 +253,10 @@ def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], 
     own = [*own_args, *own_kwargs.values()]
     recorder = _Recorder(own, {} if store is None else store, visit, parameters)
     use_hooks = hooks and not isinstance(model, torch.jit.ScriptModule)
-    # A model in training mode updates BatchNorm running statistics as it runs: restore
-    # them, so that diagnosing a model does not change it.
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     top = type(model).__name__
     draws = _RandomDraws(lambda: recorder.running[-1] if recorder.running else top)
     try:
-        with torch.no_grad(), draws:
+        with torch.no_grad(), _buffers_kept(model), draws:
             if use_hooks:
                 with _hooks(model, recorder):
                     result = model(*own_args, **own_kwargs)
@@ -267,11 +264,6 @@ def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], 
                 result = model(*own_args, **own_kwargs)
     except Exception as exc:  # the user's model failed on our input
         raise _failed(exc, originals) from exc
-    finally:
-        with torch.no_grad():
-            for name, value in model.named_buffers():
-                if name in buffers:
-                    value.copy_(buffers[name])
     if parameters and isinstance(model, torch.nn.Module):
         root = {name: p.detach().float().cpu().numpy().copy()
                 for name, p in model.named_parameters(recurse=False)}
@@ -304,11 +296,25 @@ def output_names(model: torch.nn.Module, example: tuple[tuple, dict]) -> list[st
     """The names of what ``model`` returns on ``example`` (named_tensors), from a plain run."""
     args, kwargs = example
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _buffers_kept(model):
             result = model(*(a.clone() for a in args), **{k: v.clone() for k, v in kwargs.items()})
     except Exception as exc:  # the user's model failed on our input
         raise _failed(exc, [*args, *kwargs.values()]) from exc
     return [name for name, _ in named_tensors(result)]
+
+
+@contextlib.contextmanager
+def _buffers_kept(model: torch.nn.Module) -> Iterator[None]:
+    """A model in training mode updates BatchNorm running statistics as it runs: restore
+    them, so that diagnosing a model does not change it."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                if name in buffers:
+                    value.copy_(buffers[name])
 
 
 def _failed(exc: Exception, inputs: list[torch.Tensor]) -> LayerdiffError:

@@ -244,7 +244,6 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             "max_abs": _finite_or_none(fd.max_abs),
             "message": fd.message,
             "layer": fd_index,
-            "layer_index": fd_index,
             "region": [
                 {"name": n.name, "op_type": n.op_type, "attrs": _plain(n.attrs)}
                 for n in fd.region
