@@ -25,7 +25,7 @@ import onnx
 import torch
 
 from .errors import ExportError, OnnxLoadError, UsageError, first_line
-from .records import LoadedModel, OnnxSource
+from .records import ExportFallback, LoadedModel, OnnxSource
 
 EXPORTERS = ("dynamo", "legacy")
 LEGACY_DEFAULT_OPSET = 17
@@ -103,12 +103,17 @@ def export_onnx(
         notes += result
         written = _default_opset(_read_onnx(out_path))
         notes += _opset_notes(name, opset, written)
+        fallback = next((ExportFallback(failed, failure.reason, not failure.raised,
+                                        failure.log.name if failure.log else None)
+                         for failed, failure in failures), None)
         return OnnxSource(
             path=out_path,
             exporter=name,
             opset=written,
             producer=f"torch {torch.__version__.split('+')[0]}",
             notes=tuple(notes),
+            fallback=fallback,
+            asked_opset=opset,
         )
     raise _all_failed(failures)
 

@@ -115,6 +115,19 @@ class Exporter(str, Enum):
 
 
 @dataclass(frozen=True)
+class ExportFallback:
+    """The exporter asked for failed and the other one wrote the file."""
+
+    failed: Exporter
+    reason: str  # completes "the dynamo exporter ...": "crashed (SIGSEGV)", "failed (...)"
+    crashed: bool  # crashed or hung, as opposed to raising an error
+    log: str | None = None  # the file holding what the failed exporter printed
+
+    def __post_init__(self) -> None:
+        _members(self, failed=Exporter)
+
+
+@dataclass(frozen=True)
 class OnnxSource:
     """The ONNX file under diagnosis and where it came from."""
 
@@ -123,6 +136,8 @@ class OnnxSource:
     opset: int | None = None
     producer: str = ""
     notes: tuple[str, ...] = ()  # e.g. "dynamo exporter crashed (SIGSEGV); used legacy"
+    fallback: ExportFallback | None = None
+    asked_opset: int | None = None  # --opset, when layerdiff exported
 
     def __post_init__(self) -> None:
         _members(self, exporter=Exporter)

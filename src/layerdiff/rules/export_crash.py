@@ -1,8 +1,8 @@
 """Rule: an exporter crashed or failed and layerdiff used the other one (DIVERGENCES #25,
 informational).
 
-1. Fires when an export note (``onnx.notes``) says "the X exporter crashed / failed /
-   timed out / wrote an unreadable file; exported with the Y exporter instead".
+1. Fires when the exporter asked for crashed, failed, timed out or wrote an unreadable
+   file and layerdiff exported with the other one (``onnx.fallback``).
 2. The file diagnosed is then Y's, not the one the user asked for: node names,
    decompositions and the opset can differ, and the user's own export with X fails the
    same way (a crash kills the process without a Python error).
@@ -10,25 +10,18 @@ informational).
 
 from __future__ import annotations
 
-import re
-
 from ..records import Diagnosis, Suggestion
 from . import Rule
 
 RULE_ID = "export_crash"
 TITLE = "An exporter crashed or failed; the other one was used"
 
-_FALLBACK = re.compile(r"^the (\w+) exporter (.+?); exported with the (\w+) exporter instead"
-                       r"(?: \(its output is in ([^)]+)\))?")
-
-
 def check(d: Diagnosis) -> Suggestion | None:
-    notes = d.onnx.notes if d.onnx else ()
-    found = next((m for m in map(_FALLBACK.match, notes) if m), None)
+    found = d.onnx.fallback if d.onnx else None
     if found is None:
         return None
-    failed, reason, used, log = found.groups()
-    crashed = reason.startswith("crashed") or reason.startswith("timed out")
+    failed, reason, used, log = found.failed, found.reason, d.onnx.exporter, found.log
+    crashed = found.crashed
     detail = (f"The {failed} exporter {reason}; layerdiff exported with the {used} exporter "
               f"instead, so this diagnosis is of the {used} exporter's file (opset "
               f"{d.onnx.opset}). A {failed} export can name, decompose and version the graph "

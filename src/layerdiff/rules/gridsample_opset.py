@@ -1,7 +1,7 @@
 """Rule: GridSample needs opset 16 (DIVERGENCES #5).
 
-1. Fires when an export note says an exporter failed on grid_sample (torch's
-   ``aten::grid_sampler``): the legacy exporter refuses it below opset 16 and layerdiff
+1. Fires when the exporter asked for failed on grid_sample (``onnx.fallback``: its
+   error names torch's ``aten::grid_sampler``): the legacy exporter refuses it below opset 16 and layerdiff
    fell back to the other exporter (the dynamo exporter, which writes opset 18), so the
    file diagnosed is not the one asked for.
 2. Not reachable from a Diagnosis: a file that uses the standard GridSample with an
@@ -23,15 +23,17 @@ TITLE = "GridSample needs opset 16 or later"
 OPSET = 16
 
 _NOTE = re.compile(r"grid_?sampler?|gridsample", re.IGNORECASE)
-_ASKED = re.compile(r"opset(?: version)? (\d+) (?:was asked for|is not supported)")
+_ASKED = re.compile(r"opset(?: version)? (\d+) is not supported")
 
 
 def check(d: Diagnosis) -> Suggestion | None:
-    notes = d.onnx.notes if d.onnx else ()
-    note = next((n for n in notes if _NOTE.search(n)), None)
-    if note is None:
+    fallback = d.onnx.fallback if d.onnx else None
+    if fallback is None or not _NOTE.search(fallback.reason):  # the exporter's own words
         return None
-    asked = next((int(m.group(1)) for m in map(_ASKED.search, notes) if m), None)
+    note = f"the {fallback.failed} exporter {fallback.reason}"
+    found = _ASKED.search(fallback.reason)
+    asked = d.onnx.asked_opset if d.onnx.asked_opset is not None else (
+        int(found.group(1)) if found else None)
     asked_text = f"opset {asked}" if asked is not None else f"an opset below {OPSET}"
     detail = (f"Exporting failed on grid_sample: {note}. torch's grid_sample becomes the ONNX "
               f"GridSample op, which exists from opset {OPSET}; at {asked_text} the exporter "
