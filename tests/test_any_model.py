@@ -208,3 +208,45 @@ def test_library_takes_input_tensors_as_a_tuple_or_a_dict(tmp_path, bert_onnx):
     assert [c.label for c in by_name.cases] in ([], ["given inputs"])
     with pytest.raises(Exception, match="1 input tensor"):
         diagnose(model, bert_onnx, inputs=(example["input_ids"],), output_dir=tmp_path)
+
+
+def test_leading_outputs_the_loader_names_are_compared(tmp_path):
+    """spandrel keeps the first of what GFPGAN's module returns (the image, not its RGB
+    pyramid): an ONNX file exported with that one output is compared on it."""
+    import torch
+
+    from layerdiff.records import LoadedModel, ModelKind
+
+    class ImageAndExtras(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, [y * 2, y.mean()]
+
+    class FirstOnly(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)[0]
+
+    torch.manual_seed(0)
+    module = ImageAndExtras().eval()
+    path = tmp_path / "first.onnx"
+    torch.onnx.export(FirstOnly(module), (torch.rand(1, 3, 16, 16),), str(path), dynamo=False,
+                      opset_version=17, input_names=["input"], output_names=["output"])
+    loaded = LoadedModel(module=module, path=None, kind=ModelKind.MODULE,
+                         architecture="ImageAndExtras", input_channels=3, outputs=1)
+    d = diagnose(loaded, path, input_shape=(1, 3, 16, 16), check_sizes=(), output_dir=tmp_path)
+    assert d.verdict == "pass", d.summary
+    assert [o.model_output for o in d.outputs] == ["0"]
+    assert any("its users take the first 1" in n for n in d.notes), d.notes
+    # Without that knowledge the counts differ, and that is said plainly.
+    from layerdiff.preflight import MismatchError
+
+    with pytest.raises(MismatchError, match="returns 3 tensor"):
+        diagnose(module, path, input_shape=(1, 3, 16, 16), check_sizes=(), output_dir=tmp_path)

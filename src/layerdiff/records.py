@@ -98,6 +98,9 @@ class LoadedModel:
     inputs: tuple[InputSpec, ...] = ()
     # What output files are named after when not the file's stem (an entry point's NAME).
     stem: str | None = None
+    # How many of forward()'s leading outputs the model's users take (spandrel runs the
+    # module and keeps the first): an ONNX file with only those is compared on them.
+    outputs: int | None = None
 
     def __post_init__(self) -> None:
         _members(self, kind=ModelKind)

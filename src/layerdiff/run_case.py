@@ -117,6 +117,16 @@ class CaseRunner:
         store = TensorStore(self.spill, ("torch", number))
         captured = capture_torch.capture(self.loaded.module, cases_.as_call(specs, case.values),
                                          store=store)
+        notes: list[str] = []
+        used = self.loaded.outputs
+        if used and len(graph.outputs) == used < len(captured.outputs):
+            if number == 0:
+                notes.append(
+                    f"The model returns {len(captured.outputs)} tensors "
+                    f"({', '.join(captured.output_names)}); its users take the first "
+                    f"{used}, as the ONNX file does: those were compared.")
+            captured.outputs = captured.outputs[:used]
+            captured.output_names = captured.output_names[:used]
         order = preflight.pair_outputs(captured.output_names, graph.outputs,
                                        self.loaded.architecture)
         captured.outputs = [captured.outputs[k] for k in order]
@@ -139,7 +149,6 @@ class CaseRunner:
         outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
                                        rtol=s.rtol, atol=s.atol, models=captured.output_names)
         failing = {k for k, m in first.metrics.items() if not m.passed}
-        notes: list[str] = []
         noise: dict[int, float] = {}
         output_noise: list[float] = []
         second = _SecondPass()

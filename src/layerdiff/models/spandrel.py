@@ -42,6 +42,7 @@ def from_state_dict(path: Path, raw: dict) -> LoadedModel:
         scale=getattr(descriptor, "scale", None),  # inpainting descriptors have none
         notes=notes,
         inputs=input_specs(descriptor),
+        outputs=1,  # a descriptor returns one image (GFPGAN's module also its RGB pyramid)
     )
 
 
