@@ -250,3 +250,35 @@ def test_leading_outputs_the_loader_names_are_compared(tmp_path):
 
     with pytest.raises(MismatchError, match="returns 3 tensor"):
         diagnose(module, path, input_shape=(1, 3, 16, 16), check_sizes=(), output_dir=tmp_path)
+
+
+def test_input_specs_pair_by_name_then_position_and_share_sizes():
+    import torch
+
+    from layerdiff.errors import UsageError
+    from layerdiff.inputs import Request, resolve
+    from layerdiff.records import InputKind, InputSpec
+
+    class Inpaint(torch.nn.Module):
+        def forward(self, img, mask, strength: float = 0.5):
+            return img * mask * strength
+
+    graph = [("input.1", "float32", (1, 3, "height", "width")),
+             ("onnx::Mul_1", "float32", (1, 1, "height", "width"))]
+    specs, notes = resolve(Inpaint(), (), graph, Request(shapes={None: (1, 3, 40, 24)}))
+    assert [(s.name, s.onnx_name, s.kind) for s in specs] == [
+        ("img", "input.1", InputKind.IMAGE), ("mask", "onnx::Mul_1", InputKind.MASK)]
+    assert specs[1].shape == (1, 1, 40, 24)  # the shared symbols: the image's size
+    assert "by position" in notes[0] and "input.1 -> img" in notes[0]
+    # By name when the names match; a default the graph takes is fed as that number.
+    graph = [("img", "float32", (1, 3, 8, 8)), ("mask", "float32", (1, 1, 8, 8)),
+             ("strength", "float32", ())]
+    specs, notes = resolve(Inpaint(), (), graph, Request())
+    assert notes == [] and specs[2].fill == 0.5
+    # A loader's mask follows the image it covers.
+    hints = (InputSpec("img", shape=(1, 3, 64, 64)), InputSpec("mask", shape=(1, 1, 64, 64),
+                                                               kind=InputKind.MASK))
+    specs, _ = resolve(Inpaint(), hints, None, Request(shapes={"img": (1, 3, 96, 32)}))
+    assert specs[1].shape == (1, 1, 96, 32)
+    with pytest.raises(UsageError, match="inputs that forward\\(\\) does not take: extra"):
+        resolve(Inpaint(), (), [*graph, ("extra", "float32", (1,))], Request())

@@ -304,6 +304,10 @@ def _shapes(specs: list[InputSpec], graph_inputs, request: Request,
                           for axis, d in enumerate(spec.shape))
         if shape is None:
             shape = _default_shape(spec, reference, channels)
+        like = reference.get("image")
+        if spec.kind == InputKind.MASK and spec.name not in given and like is not None \
+                and len(shape) == len(like) == 4:
+            shape = (*shape[:2], *like[-2:])  # a mask covers its image
         spec = replace(spec, shape=tuple(int(d) for d in shape))
         if dims is not None or not spec.dynamic_axes:
             spec = replace(spec, dynamic_axes=_dynamic(spec, dims, len(shape)))
