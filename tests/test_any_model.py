@@ -282,3 +282,25 @@ def test_input_specs_pair_by_name_then_position_and_share_sizes():
     assert specs[1].shape == (1, 1, 96, 32)
     with pytest.raises(UsageError, match="inputs that forward\\(\\) does not take: extra"):
         resolve(Inpaint(), (), [*graph, ("extra", "float32", (1,))], Request())
+
+
+def test_inpainting_model_from_the_command_line(tmp_path, capsys):
+    """LaMa (image + mask) as an entry point, a fault in its ONNX file, as README shows."""
+    clean = diagnose(zoo.lama(), None, input_shape=_shapes("lama"), output_dir=tmp_path,
+                     ort_level="basic", check_sizes=(), reference="none")
+    broken = tmp_path / "lama-fault.onnx"
+    changed = _fault(clean.onnx.path, ("Conv", 9, 1.5, None), broken)
+    report = tmp_path / "lama.json"
+    code = main(["report", f"{ZOO}:lama", "--onnx", str(broken), "--input-shape",
+                 "img:1,3,32,32", "--ort-level", "basic", "--check-sizes", "none",
+                 "-o", str(tmp_path / "lama.html"), "--json", str(report), "-q"])
+    assert code == 1, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    inputs = {i["name"]: i for i in data["settings"]["inputs"]}
+    assert inputs["mask"]["kind"] == "mask" and inputs["mask"]["shape"] == [1, 1, 32, 32]
+    first = data["first_divergence"]
+    assert changed in {first["onnx_node"], *(n["name"] for n in first["region"])}, first
+    # The align command pairs the same two-input model.
+    assert main(["align", f"{ZOO}:lama", "--onnx", str(broken),
+                 "--input-shape", "img:1,3,32,32"]) == 0
+    assert "module calls" in capsys.readouterr().out
