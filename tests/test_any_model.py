@@ -304,3 +304,11 @@ def test_inpainting_model_from_the_command_line(tmp_path, capsys):
     assert main(["align", f"{ZOO}:lama", "--onnx", str(broken),
                  "--input-shape", "img:1,3,32,32"]) == 0
     assert "module calls" in capsys.readouterr().out
+
+
+def test_a_model_that_takes_only_aligned_sizes_gets_an_aligned_other_size(tmp_path):
+    d = diagnose(zoo.vit(), None, exporter="dynamo", output_dir=tmp_path, reference="none")
+    by_label = {c.label: c for c in d.cases}
+    assert by_label["random 49x81"].verdict == "skipped"
+    assert "ran random 48x80 instead" in by_label["random 49x81"].note
+    assert by_label["random 48x80"].verdict == "pass"

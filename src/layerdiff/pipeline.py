@@ -154,11 +154,14 @@ def diagnose(
     case_list = cases_.cases(specs, opts.seed, samples=opts.samples, files=opts.input_files,
                              data=data, data_label=Path(opts.input_data).name if data else "",
                              sizes=sizes, given=given_values)
+    # The default other size is odd; a model that takes only multiples of 8 or 16 gets a
+    # nearby aligned one instead, rather than no other size at all.
+    instead = cases_.retries(specs, opts.seed, sizes) if opts.check_sizes is None else {}
     with memory.Spill(store_bytes) as spill:
         runner = CaseRunner(loaded, graph, settings, say, spill, budget)
         diagnosis = _run_cases(runner, loaded, source, graph, settings, notes, case_list,
                                main_values, out, fp32_path, opts.fix_fp16, export_size,
-                               opts.reproducer_for)
+                               opts.reproducer_for, instead)
         spilled = spill.written_bytes
     facts = _memory_facts(diagnosis.facts, settings.max_memory, held, peak_before, spilled)
     facts = replace(facts, forward_memory=forward or None,
@@ -257,8 +260,12 @@ def _memory_facts(facts: Facts, limit: int, held: int, peak_before: int, spilled
 def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
                graph: capture_onnx.OnnxGraph, settings: Settings, notes: list[str],
                case_list: list[cases_.Case], main_values: dict[str, torch.Tensor], out: Path,
-               fp32_path: Path | None, fix_fp16, export_size, reproducer_for) -> Diagnosis:
+               fp32_path: Path | None, fix_fp16, export_size, reproducer_for,
+               instead: dict[str, cases_.Case] | None = None) -> Diagnosis:
+    """Run every case (``instead``: a case to run in place of one PyTorch fails on, by
+    label) and combine them into the diagnosis."""
     say = runner.say
+    case_list, instead = list(case_list), dict(instead or {})
     rtol, atol, ort_level, fp16 = settings.rtol, settings.atol, settings.ort_level, settings.fp16
     results: list[_Case] = []
     skipped: list[CaseResult] = []
@@ -274,8 +281,12 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         except LayerdiffError as exc:
             if number == 0 or case.kind in (CaseKind.FILE, CaseKind.DATA):
                 raise
+            other = instead.pop(case.label, None)
+            also = f"; ran {other.label} instead" if other is not None else ""
+            if other is not None:
+                case_list.append(other)  # run by this same loop
             skipped.append(CaseResult(case.label, case.shape, CaseVerdict.SKIPPED, case.kind,
-                                      note=f"PyTorch itself fails here: {exc.message}"))
+                                      note=f"PyTorch itself fails here: {exc.message}{also}"))
     main = results[0]
 
     layers = _worst_layers(results)

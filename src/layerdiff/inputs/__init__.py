@@ -23,7 +23,8 @@ from .readers import from_file, read_npz
 from .sampling import as_dtype, random_input, sample, torch_dtype
 from .specs import Request, forward_params, resolve
 
-__all__ = ["Case", "InputSpec", "Request", "as_call", "cases", "default_check_size",
+__all__ = ["Case", "InputSpec", "Request", "aligned_other_size", "as_call", "cases",
+           "default_check_size", "retries",
            "forward_params", "from_file", "random_input", "read_npz", "resolve", "sample",
            "torch_dtype", "values_from"]
 
@@ -99,6 +100,33 @@ def default_other_size(spec: InputSpec) -> tuple[int, ...] | None:
     if len(axes) == 2:
         return default_check_size(*(spec.shape[a] for a in axes))
     return tuple(_odd(spec.shape[a] * 0.75) for a in axes)
+
+
+def aligned_other_size(spec: InputSpec, multiple: int = 16) -> tuple[int, ...] | None:
+    """An image size near default_other_size() in multiples of ``multiple``: for a model
+    that takes only such sizes (a ViT's patches, LaMa's downsamplings), where the odd one
+    fails in PyTorch itself. None when not an image, or no other such size is near."""
+    axes = spec.dynamic_axes
+    if len(axes) != 2:
+        return None
+    height, width = (spec.shape[a] for a in axes)
+    size = tuple(max(multiple, int(x / multiple + 0.5) * multiple)
+                 for x in (height * 0.75, width * 1.25))
+    return None if size == (height, width) else size
+
+
+def retries(specs: Sequence[InputSpec], seed: int, sizes: Sequence[tuple[int, ...]]) -> dict[str, Case]:
+    """For each default size case (by label), the case to run instead when PyTorch itself
+    fails at it: the same at an aligned size (aligned_other_size)."""
+    lead = next((s for s in specs if s.dynamic_axes), None)
+    other = aligned_other_size(lead) if lead is not None else None
+    if other is None:
+        return {}
+    found = {}
+    for size in sizes:
+        case = cases(specs, seed, sizes=[other])[-1]
+        found[f"random {'x'.join(map(str, size))}"] = case
+    return found
 
 
 def _odd(x: float) -> int:
