@@ -312,3 +312,36 @@ def test_a_model_that_takes_only_aligned_sizes_gets_an_aligned_other_size(tmp_pa
     assert by_label["random 49x81"].verdict == "skipped"
     assert "ran random 48x80 instead" in by_label["random 49x81"].note
     assert by_label["random 48x80"].verdict == "pass"
+
+
+def test_bool_int32_and_float16_inputs_of_any_rank(tmp_path):
+    import torch
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x, keep, index, scale):
+            y = self.linear(x) * keep + scale.float()
+            return torch.gather(y, 1, index.long())
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    example = (torch.rand(2, 8), torch.ones(2, 8, dtype=torch.bool),
+               torch.zeros(2, 3, dtype=torch.int32), torch.ones(1, dtype=torch.float16))
+    path = tmp_path / "mixed.onnx"
+    torch.onnx.export(model, example, str(path), dynamo=False, opset_version=17,
+                      input_names=["x", "keep", "index", "scale"])
+    d = diagnose(model, path, input_range={"index": (0, 8)}, output_dir=tmp_path)
+    assert d.verdict == "pass", d.summary
+    specs = {s.name: s for s in d.settings.input_specs}
+    assert {n: s.dtype for n, s in specs.items()} == {
+        "x": "float32", "keep": "bool", "index": "int32", "scale": "float32"}
+    assert specs["index"].shape == (2, 3) and (specs["index"].low, specs["index"].high) == (0, 8)
+    # Without a range the integer input is refused with the flag to give.
+    from layerdiff.errors import UsageError
+
+    with pytest.raises(UsageError, match="'index' holds integers") as refused:
+        diagnose(model, path, output_dir=tmp_path)
+    assert "--input-range index:LOW,HIGH" in refused.value.hint
