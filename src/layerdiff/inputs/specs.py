@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -52,13 +52,9 @@ class Request:
     """What the user asked about the inputs. A shape keyed by None is the plain
     ``--input-shape N,C,H,W``: it goes to the first image input."""
 
-    shapes: Mapping[str | None, tuple[int, ...]] = ()  # type: ignore[assignment]
-    ranges: Mapping[str, tuple[float, float]] = ()  # type: ignore[assignment]
-    data: Mapping[str, np.ndarray] = ()  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        for name in ("shapes", "ranges", "data"):
-            object.__setattr__(self, name, dict(getattr(self, name) or {}))
+    shapes: Mapping[str | None, tuple[int, ...]] = field(default_factory=dict)
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    data: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def named(self) -> set[str]:
         return {n for n in (*self.shapes, *self.ranges, *self.data) if n is not None}
@@ -86,7 +82,7 @@ def resolve(module: Any, hints: Sequence[InputSpec], graph_inputs: Sequence[Grap
     params = forward_params(module)
     notes: list[str] = []
     chosen = _choose(params, hints, graph_inputs, request, notes, exported)
-    _check_named(request, chosen, graph_inputs)
+    _check_named(request, chosen)
     hint_of = {h.name: h for h in hints}
     specs = []
     for name, onnx, keyword, default in chosen:
@@ -165,7 +161,7 @@ def _call_order(params: list[Param], chosen: list[tuple[str, GraphInput | None]]
     return found
 
 
-def _check_named(request: Request, chosen, graph_inputs) -> None:
+def _check_named(request: Request, chosen) -> None:
     """Every input the user named is one of the model's."""
     known = {name for name, *_ in chosen} | {onnx[0] for _, onnx, *_ in chosen if onnx}
     unknown = sorted(request.named() - known)
