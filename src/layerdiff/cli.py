@@ -429,7 +429,7 @@ def _convert(args: argparse.Namespace) -> int:
     files.check_outputs(planned, inputs)
 
     from . import render
-    from .convert import Verification, convert
+    from .converting import Verification, convert
 
     conversion = convert(
         args.model, out, dtype=args.dtype, opset=args.opset, exporter=args.exporter,
