@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from .errors import LayerdiffError  # noqa: E402
 
-__all__ = ["diagnose", "convert", "Conversion", "Options", "Diagnosis", "FirstDivergence", "LayerResult", "Suggestion",
-           "InputSpec", "InputKind", "Verdict", "LayerStatus", "DivergenceKind",
+__all__ = ["diagnose", "convert", "Conversion", "Options", "Diagnosis", "FirstDivergence",
+           "LayerResult", "Suggestion", "InputSpec", "InputKind", "Verdict", "LayerStatus", "DivergenceKind",
            "LayerdiffError", "__version__"]
 
 # (The module is converting.py, not convert.py: importing a submodule sets the package
