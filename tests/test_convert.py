@@ -177,3 +177,36 @@ def test_assert_matches_names_the_first_divergence_and_the_fix(exported, tmp_pat
     assert "first divergence: body.0" in message and "numeric" in message
     assert "max error" in message
     assert "suggestion: " in message and "fix: " in message
+
+
+class Overflows(torch.nn.Module):
+    """Values above float16's 65504 in the middle: no float16 file of it can verify."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        big = self.conv(x + 1) * 300  # constants within the converter's 1e4 clamp
+        return big * 300 / 90000
+
+
+def test_fp16_tries_the_conversion_then_half_and_writes_neither_when_both_fail(tmp_path):
+    out = tmp_path / "overflows.onnx"
+    report = tmp_path / "overflows.html"
+    result = convert(Overflows().eval(), out, dtype="fp16", input_shape=SMALL,
+                     reproducer_for=report)
+    assert [(a.method, a.verdict) for a in result.attempts] == [
+        ("convert", Verdict.DIVERGED), ("half", Verdict.DIVERGED)]
+    assert result.path is None and not out.exists() and result.exit_code == 1
+    # The first try is the one reported (fp32 inputs and outputs, as neosr makes them).
+    assert result.metadata["layerdiff.exporter"] != "" and result.diagnosis.onnx.path == out
+    assert any("onnxconverter-common" in n for n in result.diagnosis.onnx.notes)
+
+
+def test_no_verify_takes_no_report_options(tmp_path, capsys):
+    code = main(["convert", str(SAMPLE), "-o", str(tmp_path / "c.onnx"), "--no-verify",
+                 "--json", str(tmp_path / "c.json")])
+    assert code == 2 and "--no-verify writes no report" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -238,11 +238,15 @@ def _attempts(loaded, example, staging: Path, path: Path, dtype: str, exporter: 
             continue
         made = replace(source, path=written, exporter=exporter_name,
                        notes=source.notes + (f"float16 model: {how}",))
+        # Only the first try writes a reproducer: it is the one kept when none verifies.
         candidate = _diagnosed(loaded, written, made, Attempt(exporter_name, "fp16", method),
-                               verify, check, say)
+                               verify, check if not tried else replace(check, reproducer_for=None),
+                               say)
         attempts.append(candidate.attempt)
         tried.append(candidate)
         if not verify or candidate.attempt.verdict == Verdict.PASS:
+            if candidate is not tried[0]:
+                _remove_reproducer(tried[0].diagnosis)
             return candidate
     if not tried:
         raise ExportError("could not make a float16 model: "
@@ -261,6 +265,12 @@ def _diagnosed(loaded, file: Path, source: OnnxSource, attempt: Attempt, verify:
     say("verifying the file")
     diagnosis = diagnose(loaded, file, options=check, progress=say)
     return _Candidate(file, source, replace(attempt, verdict=diagnosis.verdict), diagnosis)
+
+
+def _remove_reproducer(d: Diagnosis | None) -> None:
+    """The reproducer of a try that was not kept: it would describe another file."""
+    for name in (d.reproducer if d is not None and d.reproducer else ()):
+        Path(name).unlink(missing_ok=True)
 
 
 def _keep_logs(staging: Path, folder: Path) -> None:
