@@ -210,3 +210,35 @@ def test_no_verify_takes_no_report_options(tmp_path, capsys):
                  "--json", str(tmp_path / "c.json")])
     assert code == 2 and "--no-verify writes no report" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+class DataDependent(torch.nn.Module):
+    """A branch on a value: torch.export refuses it, the legacy exporter traces one side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > -1e9:
+            return y
+        return -y
+
+
+def test_auto_falls_back_to_legacy_and_records_both_attempts(tmp_path):
+    out = tmp_path / "branchy.onnx"
+    result = convert(DataDependent().eval(), out, input_shape=SMALL)
+    assert result.verification == Verification.VERIFIED, result.reason
+    dynamo, legacy = result.attempts
+    assert dynamo.exporter == "dynamo" and dynamo.failed and dynamo.verdict is None
+    assert legacy.exporter == "legacy" and not legacy.failed and legacy.verdict == Verdict.PASS
+    assert metadata(out)["layerdiff.exporter"] == "legacy"
+    assert (tmp_path / "branchy.onnx.dynamo.log").is_file()  # kept for the user
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["branchy.onnx", "branchy.onnx.dynamo.log"]
+    # Asked for that exporter only, there is no fallback.
+    with pytest.raises(layerdiff.LayerdiffError, match="dynamo exporter"):
+        convert(DataDependent().eval(), tmp_path / "only.onnx", exporter="dynamo",
+                input_shape=SMALL)
+    assert not (tmp_path / "only.onnx").exists()

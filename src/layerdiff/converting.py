@@ -170,6 +170,7 @@ def convert(
         return _publish(chosen, path, dtype, tuple(attempts), verify, force, dynamic and
                         bool(example.dynamic), opts)
     finally:
+        _keep_logs(staging, path.parent)
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -208,15 +209,13 @@ def _attempts(loaded, example, staging: Path, path: Path, dtype: str, exporter: 
 
     first = "dynamo" if exporter == "auto" else exporter
     say(f"exporting with the {first} exporter")
-    fp32 = staging / f"{path.stem}_fp32.onnx"
+    fp32 = staging / path.name  # so that a failed exporter's log is named after OUT
     try:
         source = export_onnx(loaded, example, fp32, exporter=first, opset=opset,
                              fallback=exporter == "auto")
     except ExportError as error:
         attempts.append(Attempt(first, "fp32", failed=error.message))
         raise
-    finally:
-        _keep_logs(staging, path.parent)
     if source.fallback is not None:
         attempts.append(Attempt(str(source.fallback.failed), "fp32",
                                 failed=f"the {source.fallback.failed} exporter {source.fallback.reason}"))
