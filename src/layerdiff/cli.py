@@ -52,42 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="diagnose a model and write an HTML report",
         description="Compare a PyTorch model with its ONNX export layer by layer.",
     )
-    report.add_argument("model", metavar="MODEL",
-                        help=".pth/.pt/.ckpt/.safetensors state dict (spandrel), TorchScript "
-                             "archive, or Python entry point file.py:NAME / package.module:NAME "
-                             "(runs that code)")
-    report.add_argument("--weights", metavar="FILE",
-                        help="state dict loaded into the entry point's module (tensors only)")
+    _add_shared(report)
     report.add_argument("--onnx", metavar="FILE", help="diagnose this ONNX file instead of exporting")
     report.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                         help="exporter used when --onnx is not given (default: dynamo; "
                              "falls back to the other if it fails)")
-    report.add_argument("--opset", type=int, metavar="N", help="ONNX opset for the export")
-    report.add_argument("--input-shape", metavar="[NAME:]DIMS", type=_shape, action="append",
-                        help="shape of an input: N,C,H,W for the image (default 1,<model "
-                             "channels>,64,64), or NAME:D0,D1,... for any named input; repeatable")
-    report.add_argument("--input-range", metavar="NAME:LOW,HIGH", type=_range, action="append",
-                        default=[],
-                        help="draw input NAME's values from [LOW, HIGH), e.g. input_ids:0,30522 "
-                             "(integers for integer inputs); repeatable")
-    report.add_argument("--input-data", metavar="FILE.npz",
-                        help="also run real values for every input: an .npz of arrays named "
-                             "after the inputs (np.savez)")
-    report.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
-    report.add_argument("--samples", type=int, default=1, metavar="N",
-                        help="run N random inputs (seeds SEED..SEED+N-1); each layer keeps its worst")
-    report.add_argument("--input", action="append", default=[], metavar="FILE", dest="inputs",
-                        help="also run this image (PNG/JPEG/...) or .npy tensor for the image "
-                             "input; repeatable")
-    report.add_argument("--check-sizes", nargs="+", metavar="H,W", type=_size,
-                        help="also run at these sizes of the inputs' free axes: H,W for images, "
-                             "a length for sequences (default: one odd size near the main one "
-                             "when the ONNX takes any); 'none' for no other size")
-    report.add_argument("--reference", choices=("float64", "none"), default="float64",
-                        help="run PyTorch in float64 too, to measure each layer's fp32 noise "
-                             "floor and say which side is off (default: float64)")
-    report.add_argument("--rtol", type=float, help="relative tolerance (default 1e-3; fp16: 1e-2)")
-    report.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5; fp16: 1e-3)")
     report.add_argument("--fp16", action="store_true",
                         help="compare the fp32 PyTorch model with a float16 ONNX: the --onnx file "
                              "(converted if it is fp32) or one layerdiff makes")
@@ -103,25 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", metavar="PATH",
                         help="HTML report path (default: layerdiff_report/<model>.html); "
                              "an export goes into the same folder")
-    report.add_argument("--json", metavar="PATH", help="also write the diagnosis as JSON")
     report.add_argument("--open", action="store_true", help="open the report in a browser")
-    report.add_argument("--trust-pickle", action="store_true",
-                        help="allow loading a fully pickled model (runs code from the file)")
-    report.add_argument("--ort-level", choices=ORT_LEVELS, default="all",
-                        help="onnxruntime graph optimisation level to check (default: all)")
-    report.add_argument("--ort-config", action="append", default=[], metavar="KEY=VALUE",
-                        type=_config_entry,
-                        help="onnxruntime session config entry you deploy with, e.g. "
-                             "optimization.enable_gelu_approximation=1; repeatable")
-    report.add_argument("--provider", default="CPUExecutionProvider",
-                        help="onnxruntime execution provider (default: CPUExecutionProvider)")
-    report.add_argument("--max-memory", metavar="SIZE", type=_bytes,
-                        help="memory the diagnosis may use, e.g. 6G or 512M (default: 4G, or "
-                             "half the available memory when less); activations beyond it go "
-                             "to a temporary folder (TMPDIR) and the ONNX graph runs in "
-                             "segments; a peak above it is reported")
-    report.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
-    report.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and exporter output")
+
+    convert = sub.add_parser(
+        "convert", help="export a model to ONNX, written only when layerdiff verifies it",
+        description="Export MODEL to ONNX, diagnose the file layer by layer (several inputs, "
+                    "another size, every output) and write it only when it matches.",
+    )
+    _add_shared(convert)
+    convert.add_argument("-o", "--output", metavar="OUT.onnx", required=True,
+                         help="the ONNX file to write (only when it verifies, unless --force)")
+    convert.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                         help="fp16: onnxconverter-common conversion with fp32 inputs and outputs, "
+                              "or model.half() exported when that does not verify (default fp32)")
+    convert.add_argument("--exporter", choices=("auto", *EXPORTERS), default="auto",
+                         help="auto: dynamo, then legacy if it fails (default); or only that one")
+    convert.add_argument("--static", metavar="H,W", type=_static,
+                         help="export at this height and width with no free axis (default: "
+                              "batch, height and width free)")
+    convert.add_argument("--no-verify", action="store_true",
+                         help="write without checking; the file's metadata says it was not verified")
+    convert.add_argument("--force", action="store_true",
+                         help="write the file even when it does not verify, marked as failed")
+    convert.add_argument("--report", metavar="PATH",
+                         help="HTML report path (default: <OUT stem>.html next to OUT)")
     explain = sub.add_parser(
         "align", help="print how PyTorch modules pair with ONNX tensors",
         description="Print the pairing table: which ONNX tensor each module call was paired "
@@ -136,6 +110,70 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--trust-pickle", action="store_true")
     explain.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def _add_shared(parser: argparse.ArgumentParser) -> None:
+    """The model and the diagnosis's options, the same for `report` and `convert`."""
+    parser.add_argument("model", metavar="MODEL",
+                        help=".pth/.pt/.ckpt/.safetensors state dict (spandrel), TorchScript "
+                             "archive, or Python entry point file.py:NAME / package.module:NAME "
+                             "(runs that code)")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="state dict loaded into the entry point's module (tensors only)")
+    parser.add_argument("--opset", type=int, metavar="N", help="ONNX opset for the export")
+    parser.add_argument("--input-shape", metavar="[NAME:]DIMS", type=_shape, action="append",
+                        help="shape of an input: N,C,H,W for the image (default 1,<model "
+                             "channels>,64,64), or NAME:D0,D1,... for any named input; repeatable")
+    parser.add_argument("--input-range", metavar="NAME:LOW,HIGH", type=_range, action="append",
+                        default=[],
+                        help="draw input NAME's values from [LOW, HIGH), e.g. input_ids:0,30522 "
+                             "(integers for integer inputs); repeatable")
+    parser.add_argument("--input-data", metavar="FILE.npz",
+                        help="also run real values for every input: an .npz of arrays named "
+                             "after the inputs (np.savez)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    parser.add_argument("--samples", type=int, default=1, metavar="N",
+                        help="run N random inputs (seeds SEED..SEED+N-1); each layer keeps its worst")
+    parser.add_argument("--input", action="append", default=[], metavar="FILE", dest="inputs",
+                        help="also run this image (PNG/JPEG/...) or .npy tensor for the image "
+                             "input; repeatable")
+    parser.add_argument("--check-sizes", nargs="+", metavar="H,W", type=_size,
+                        help="also run at these sizes of the inputs' free axes: H,W for images, "
+                             "a length for sequences (default: one odd size near the main one "
+                             "when the ONNX takes any); 'none' for no other size")
+    parser.add_argument("--reference", choices=("float64", "none"), default="float64",
+                        help="run PyTorch in float64 too, to measure each layer's fp32 noise "
+                             "floor and say which side is off (default: float64)")
+    parser.add_argument("--rtol", type=float, help="relative tolerance (default 1e-3; fp16: 1e-2)")
+    parser.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5; fp16: 1e-3)")
+    parser.add_argument("--json", metavar="PATH", help="also write the diagnosis as JSON")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow loading a fully pickled model (runs code from the file)")
+    parser.add_argument("--ort-level", choices=ORT_LEVELS, default="all",
+                        help="onnxruntime graph optimisation level to check (default: all)")
+    parser.add_argument("--ort-config", action="append", default=[], metavar="KEY=VALUE",
+                        type=_config_entry,
+                        help="onnxruntime session config entry you deploy with, e.g. "
+                             "optimization.enable_gelu_approximation=1; repeatable")
+    parser.add_argument("--provider", default="CPUExecutionProvider",
+                        help="onnxruntime execution provider (default: CPUExecutionProvider)")
+    parser.add_argument("--max-memory", metavar="SIZE", type=_bytes,
+                        help="memory the diagnosis may use, e.g. 6G or 512M (default: 4G, or "
+                             "half the available memory when less); activations beyond it go "
+                             "to a temporary folder (TMPDIR) and the ONNX graph runs in "
+                             "segments; a peak above it is reported")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and exporter output")
+
+
+def _static(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 256,256 (H,W)") from None
+    if min(height, width) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 256,256 (H,W > 0)")
+    return height, width
 
 
 def _shape(text: str) -> tuple[str | None, tuple[int, ...]]:
@@ -216,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if not args.verbose:
             warnings.filterwarnings("ignore")
-        return _align(args) if args.command == "align" else _report(args)
+        handler = {"align": _align, "report": _report, "convert": _convert}[args.command]
+        return handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -283,14 +322,46 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    # A bad number would give a false verdict (--rtol nan passes anything): checked first.
+def _check_numbers(args: argparse.Namespace) -> None:
+    """A bad number would give a false verdict (--rtol nan passes anything): checked first."""
     options.check(rtol=args.rtol, atol=args.atol, seed=args.seed, samples=args.samples,
                   opset=args.opset, max_memory=args.max_memory)
     for name, bounds in args.input_range:
         options.input_range(bounds, name)
-    shapes = _shapes(args.input_shape)
-    from .models import model_file, output_stem  # torch-free: entry points are only parsed
+
+
+def _given_inputs(args: argparse.Namespace, onnx: str | None) -> list:
+    from .models import model_file  # torch-free: entry points are only parsed
+
+    return files.given_inputs(model_file(args.model), onnx,
+                              [*args.inputs, *([args.input_data] if args.input_data else [])],
+                              weights=args.weights)
+
+
+def _diagnosis_options(args: argparse.Namespace) -> dict:
+    """The shared options (_add_shared) as diagnose()'s keywords."""
+    sizes = None if args.check_sizes is None else tuple(s for s in args.check_sizes if s)
+    return dict(input_shape=_shapes(args.input_shape), input_range=dict(args.input_range),
+                input_data=args.input_data, seed=args.seed, samples=args.samples,
+                input_files=tuple(args.inputs), check_sizes=sizes, reference=args.reference,
+                rtol=args.rtol, atol=args.atol, trust_pickle=args.trust_pickle,
+                ort_level=args.ort_level, ort_config=dict(args.ort_config),
+                provider=args.provider, max_memory=args.max_memory, weights=args.weights)
+
+
+def _progress(args: argparse.Namespace):
+    interactive = sys.stderr.isatty() and not args.quiet
+
+    def progress(stage: str) -> None:
+        if interactive:
+            print(f"layerdiff: {stage}...", file=sys.stderr)
+
+    return progress
+
+
+def _report(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    from .models import output_stem  # torch-free: entry points are only parsed
 
     output = Path(args.output) if args.output else None
     default_dir = Path("layerdiff_report")
@@ -301,9 +372,7 @@ def _report(args: argparse.Namespace) -> int:
     fp16 = args.fp16 or bool(args.fix_fp16)
     # Every output, before torch is even imported: a run of minutes must not end in a
     # write that fails, or one that replaces the user's checkpoint.
-    inputs = files.given_inputs(model_file(args.model), args.onnx,
-                                [*args.inputs, *([args.input_data] if args.input_data else [])],
-                                weights=args.weights)
+    inputs = _given_inputs(args, args.onnx)
     files.check_inputs(inputs)
     files.check_outputs(
         {"-o": report_path, "--json": args.json,
@@ -315,26 +384,11 @@ def _report(args: argparse.Namespace) -> int:
     from . import render
     from .pipeline import diagnose
 
-    interactive = sys.stderr.isatty() and not args.quiet
-
-    def progress(stage: str) -> None:
-        if interactive:
-            print(f"layerdiff: {stage}...", file=sys.stderr)
-
-    sizes = None if args.check_sizes is None else tuple(s for s in args.check_sizes if s)
     diagnosis = diagnose(
-        args.model, args.onnx, input_shape=shapes, input_range=dict(args.input_range),
-        input_data=args.input_data, seed=args.seed,
-        samples=args.samples, input_files=tuple(args.inputs), check_sizes=sizes,
-        reference=args.reference, fp16=fp16,
-        fp16_method=args.fp16_method, fix_fp16=args.fix_fp16,
-        rtol=args.rtol, atol=args.atol, ignore=tuple(args.ignore_layer),
-        exporter=args.exporter, opset=args.opset,
-        output_dir=output_dir,
-        trust_pickle=args.trust_pickle, ort_level=args.ort_level,
-        ort_config=dict(args.ort_config), provider=args.provider,
-        progress=progress, reproducer_for=report_path, max_memory=args.max_memory,
-        weights=args.weights,
+        args.model, args.onnx, fp16=fp16, fp16_method=args.fp16_method,
+        fix_fp16=args.fix_fp16, ignore=tuple(args.ignore_layer), exporter=args.exporter,
+        opset=args.opset, output_dir=output_dir, progress=_progress(args),
+        reproducer_for=report_path, **_diagnosis_options(args),
     )
     output = report_path
     render.write_html(diagnosis, output)
@@ -354,6 +408,56 @@ def _report(args: argparse.Namespace) -> int:
     if args.open:
         webbrowser.open(output.resolve().as_uri())
     return diagnosis.exit_code
+
+
+def _convert(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    out = Path(args.output)
+    report_path = Path(args.report) if args.report else out.with_name(out.stem + ".html")
+    if args.no_verify and (args.report or args.json):
+        raise UsageError("--no-verify writes no report",
+                         hint="leave out --report and --json, or --no-verify")
+    inputs = _given_inputs(args, None)
+    files.check_inputs(inputs)
+    planned = {"-o": out}
+    if not args.no_verify:
+        reproducer = files.reproducer_paths(report_path)
+        planned.update({"--report": report_path, "--json": args.json,
+                        "the reproducer's .onnx": reproducer[0],
+                        "the reproducer's .npz": reproducer[1]})
+    # Before torch is imported: never a file written over the model or an input.
+    files.check_outputs(planned, inputs)
+
+    from . import render
+    from .converting import Verification, convert
+
+    conversion = convert(
+        args.model, out, dtype=args.dtype, opset=args.opset, exporter=args.exporter,
+        static=args.static, verify=not args.no_verify, force=args.force,
+        progress=_progress(args), reproducer_for=None if args.no_verify else report_path,
+        **_diagnosis_options(args),
+    )
+    d = conversion.diagnosis
+    if d is not None:
+        render.write_html(d, report_path)
+        if args.json:
+            render.write_json(d, Path(args.json))
+    verdict = {Verification.VERIFIED: "verified", Verification.NOT_VERIFIED: "not verified",
+               Verification.FORCED: "NOT VERIFIED", Verification.FAILED: "NOT VERIFIED"}
+    where = (f"wrote {conversion.path}" if conversion.path is not None
+             else f"{out} not written (--force writes it anyway)")
+    meta = conversion.metadata
+    how = ", ".join(v for v in (args.dtype, meta.get("layerdiff.exporter", "") + " exporter",
+                                "opset " + meta.get("layerdiff.opset", "?")) if v)
+    print(f"{verdict[conversion.verification]}: {where} ({how})"
+          + (", marked failed" if conversion.verification == Verification.FORCED else ""))
+    if not args.quiet and conversion.reason:
+        print(f"why: {_printable(first_line(conversion.reason))}")
+    if d is not None:
+        print(f"report: {report_path}")
+        if args.json:
+            print(f"json:   {args.json}")
+    return conversion.exit_code
 
 
 if __name__ == "__main__":

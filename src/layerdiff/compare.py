@@ -81,6 +81,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
         inf_torch=ref_inf,
         inf_onnx=cand_inf,
         nonfinite_differs=acc.nonfinite_differs,
+        mse=acc.sum_sq / acc.count if acc.count else 0.0,
         passed=not reason,
         reason=reason,
     )
@@ -124,6 +125,7 @@ class _Sums:
     def __init__(self) -> None:
         self.count = 0  # finite pairs
         self.max_abs = self.sum_abs = self.scale = self.max_rel = 0.0
+        self.sum_sq = 0.0  # d.d: the mean squared error (PSNR of a converted file's output)
         self.outliers = 0
         self.dot = self.norm_ref = self.norm_cand = 0.0  # c.r, r.r, c.c
         self.nan_ref = self.nan_cand = self.inf_ref = self.inf_cand = 0
@@ -154,6 +156,7 @@ class _Sums:
         np.abs(diff, out=diff)
         mag = np.abs(r)
         self.count += r.size
+        self.sum_sq += d_dot_d
         self.max_abs = max(self.max_abs, float(diff.max()))
         self.sum_abs += float(diff.sum())
         self.scale = max(self.scale, float(mag.max()))

@@ -55,6 +55,10 @@ class Example:
         """One image in, one out: named "input" and "output", batch, height and width free."""
         return Example((tensor,), {}, ("input",), {"input": (0, 2, 3)}, ("output",))
 
+    def fixed(self) -> "Example":
+        """The same trace with no free axis: the file takes only the traced sizes."""
+        return replace(self, dynamic={})
+
     @property
     def shapes(self) -> str:
         return ", ".join(str(tuple(t.shape)) for t in (*self.args, *self.kwargs.values()))
@@ -79,9 +83,10 @@ def export_onnx(
     exporter: str = "dynamo",
     opset: int | None = None,
     timeout_s: float = 900,
+    fallback: bool = True,
 ) -> OnnxSource:
     """Export ``model`` traced on ``example`` (one image tensor, or an Example) to
-    ``out_path``; fall back to the other exporter.
+    ``out_path``; fall back to the other exporter (unless ``fallback`` is False).
 
     ``timeout_s`` bounds each export attempt. Raises ExportError when every exporter fails.
     """
@@ -93,6 +98,8 @@ def export_onnx(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     order, notes = _plan(model, exporter)
+    if not fallback:
+        order = order[:1]
     failures: list[tuple[str, _Failure]] = []
     for name in order:
         result = _ATTEMPTS[name](model.module, example, out_path, opset, timeout_s)
@@ -129,7 +136,16 @@ def describe_onnx(path: str | Path) -> OnnxSource:
         exporter="user",
         opset=_default_opset(model),
         producer=f"{model.producer_name} {model.producer_version}".strip(),
+        verified_by=verification_metadata(model),
     )
+
+
+METADATA_PREFIX = "layerdiff."
+
+
+def verification_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The ``layerdiff.*`` entries of the file's metadata_props (`layerdiff convert`)."""
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
 # --------------------------------------------------------------------------- planning
@@ -263,7 +279,8 @@ def _export_legacy(
     # file says they must agree.
     dynamic_axes = {name: {a: _axis_name(name, a, ranks.get(name, 0)) for a in axes}
                     for name, axes in example.dynamic.items()}
-    if example.output_names == ("output",) and example.input_names == ("input",):
+    if example.output_names == ("output",) and example.input_names == ("input",) \
+            and example.dynamic:
         dynamic_axes["output"] = LEGACY_DYNAMIC_AXES["output"]
     # The legacy exporter takes keyword arguments as a trailing dict in args.
     args = (*example.args, example.kwargs) if example.kwargs else example.args

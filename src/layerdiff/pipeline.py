@@ -28,7 +28,7 @@ from .models import from_module, load_model, model_file, output_stem
 from .options import Options
 from .records import (
     Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, DivergenceKind, Facts,
-    FirstDivergence, InputKind, LayerResult, LayerStatus, LoadedModel, ModelKind, OnnxSource,
+    FirstDivergence, InputKind, InputSpec, LayerResult, LayerStatus, LoadedModel, ModelKind, OnnxSource,
     OutputResult, RandomOp, Settings, Side, TorchCall, Verdict,
 )
 from .rules import suggest
@@ -183,6 +183,15 @@ def _specs(loaded: LoadedModel, graph: capture_onnx.OnnxGraph | None, request,
            exported: bool = False):
     return cases_.resolve(loaded.module, loaded.inputs, graph.inputs if graph else None,
                           request, channels=loaded.input_channels, exported=exported)
+
+
+def export_example(loaded: LoadedModel, options: Options) -> tuple[Example, tuple[InputSpec, ...]]:
+    """What an export of ``loaded`` traces at the inputs ``options`` describe (drawn
+    from its seed), and those inputs."""
+    data = cases_.read_npz(options.input_data) if options.input_data else None
+    request = cases_.Request(shapes=options.shapes(), ranges=options.input_range, data=data or {})
+    specs, _ = _specs(loaded, None, request)
+    return _example(loaded, specs, cases_.draw(specs, options.seed)), specs
 
 
 def _example(loaded: LoadedModel, specs, values) -> Example:

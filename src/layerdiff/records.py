@@ -141,6 +141,9 @@ class OnnxSource:
     notes: tuple[str, ...] = ()  # e.g. "dynamo exporter crashed (SIGSEGV); used legacy"
     fallback: ExportFallback | None = None
     asked_opset: int | None = None  # --opset, when layerdiff exported
+    # What `layerdiff convert` wrote into the file's metadata_props (keys "layerdiff.*",
+    # README "Convert"): how the file was verified when it was written. Empty for others.
+    verified_by: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _members(self, exporter=Exporter)
@@ -278,6 +281,7 @@ class Metrics:
     nonfinite_differs: bool = False  # NaN / Inf are not in the same places on both sides
     passed: bool = True
     reason: str = ""  # why it failed, in words; "" when it passed
+    mse: float | None = None  # mean of (onnx - torch)**2 over finite pairs; None: not measured
 
 
 class RefereeSide(str, Enum):

@@ -286,6 +286,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             "opset": _plain(on.opset),
             "producer": on.producer,
             "notes": list(on.notes),
+            "verified_by": dict(on.verified_by),
         }
 
     s = d.settings

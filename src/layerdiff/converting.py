@@ -1,0 +1,374 @@
+"""`layerdiff convert`: export a model to ONNX and publish the file only once layerdiff's own
+diagnosis verifies it.
+
+Converters in the field (chaiNNer, neosr, traiNNer-redux) check the final output on one
+tiny input, or not at all. Here the exported file is diagnosed like any other (several
+inputs, the export size and another size when its axes are free, every output) and
+appears at its destination only when it passes: it is exported into a private folder
+beside the destination (same file system), the verification is written into its
+metadata_props (``layerdiff.*`` keys, README "Convert"), and it is renamed into place.
+``force`` publishes a file that failed, marked so; ``verify=False`` publishes without a
+diagnosis, marked "not verified".
+
+This module owns the order of attempts (the exporter, then for float16 the conversion
+before ``model.half()``), the metadata, and publishing. Exporting, the float16 files and
+the diagnosis itself are exporting.py's, fp16.py's and pipeline.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import onnx
+import torch
+
+from . import files
+from .errors import ExportError, UsageError
+from .exporting import METADATA_PREFIX, export_onnx
+from .options import Options
+from .records import CaseVerdict, Diagnosis, LoadedModel, OnnxSource, Verdict
+
+DTYPES = ("fp32", "fp16")
+EXPORTERS = ("auto", "dynamo", "legacy")  # auto: dynamo, then legacy if it fails
+FP16_METHODS = ("convert", "half")  # tried in this order (neosr's, then chaiNNer's)
+UNVERIFIED = "unverified"
+
+Progress = Callable[[str], None]
+
+
+class Verification(str, Enum):
+    """What ``layerdiff.verified`` says of a written file."""
+
+    VERIFIED = "true"
+    FAILED = "false"  # never written as such: a failed file is written only with force
+    FORCED = "failed, written with --force"
+    NOT_VERIFIED = "not verified"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One file tried: how it was made, what failed, and its diagnosis's verdict."""
+
+    exporter: str  # "dynamo" | "legacy"
+    dtype: str  # "fp32" | "fp16"
+    method: str = ""  # fp16: "convert" (onnxconverter-common) | "half" (model.half())
+    failed: str = ""  # why no file came out ("" when one did)
+    verdict: Verdict | None = None  # None: not diagnosed (no file, or verify=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"exporter": self.exporter, "dtype": self.dtype, "method": self.method or None,
+                "failed": self.failed or None,
+                "verdict": None if self.verdict is None else self.verdict.value}
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The result of ``convert``: the file written (None: none), the verdict of its
+    diagnosis ("unverified" with verify=False), that diagnosis, and every attempt."""
+
+    path: Path | None
+    verdict: Verdict | Literal["unverified"]
+    diagnosis: Diagnosis | None
+    attempts: tuple[Attempt, ...]
+    verification: Verification
+    metadata: dict[str, str]  # what was (or would have been) written into the file
+    reason: str = ""  # why it did not verify; "" when it did or was not checked
+
+    @property
+    def exit_code(self) -> int:
+        """As `layerdiff report`: 0 verified (or not checked), 1 not verified, 2 error."""
+        if self.diagnosis is None:
+            return 0
+        if self.diagnosis.verdict == Verdict.ERROR:
+            return 2
+        return 0 if self.verification == Verification.VERIFIED else 1
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A file in the staging folder, how it was made, and its diagnosis."""
+
+    path: Path
+    source: OnnxSource
+    attempt: Attempt
+    diagnosis: Diagnosis | None
+
+
+def convert(
+    model: str | Path | torch.nn.Module | LoadedModel,
+    path: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    exporter: str = "auto",
+    dynamic: bool = True,
+    static: tuple[int, int] | None = None,
+    verify: bool = True,
+    force: bool = False,
+    options: Options | None = None,
+    progress: Progress | None = None,
+    **settings: Any,
+) -> Conversion:
+    """Export ``model`` to the ONNX file ``path``, written only when it verifies.
+
+    ``model`` takes every form ``diagnose()`` does. ``dtype``: "fp32", or "fp16" (the
+    onnxconverter-common conversion with fp32 inputs and outputs first, ``model.half()``
+    exported when that does not verify; diagnosed with fp16 tolerances). ``exporter``:
+    "auto" (dynamo, then legacy when it fails), "dynamo" or "legacy" (that one only).
+    ``dynamic``: batch, height and width free (False: fixed at the traced size);
+    ``static=(H, W)``: traced at that size with no free axis. ``verify=False``: written
+    without a diagnosis, marked "not verified". ``force``: written even when it does not
+    verify, marked so. ``options`` / ``settings``: the diagnosis's inputs, tolerances and
+    runtime, as for ``diagnose()`` (``reproducer_for``: the report's path).
+
+    Never writes over an input (a UsageError before any work). Raises ExportError when
+    no exporter can write the file.
+    """
+    opts = replace(options or Options(), **settings)
+    if opset is not None:
+        opts = replace(opts, opset=opset)
+    opts.check()
+    _check_arguments(dtype, exporter, static)
+    say = progress or (lambda _msg: None)
+    path = Path(path)
+    from .pipeline import _load, _model_file, export_example
+
+    files_in = tuple(opts.input_files) + ((str(opts.input_data),) if opts.input_data else ())
+    given = files.given_inputs(_model_file(model), None, files_in, weights=opts.weights)
+    files.check_inputs(given)
+    reproducer = files.reproducer_paths(opts.reproducer_for) if opts.reproducer_for else (None, None)
+    files.check_outputs({"-o": path, "the reproducer's .onnx": reproducer[0],
+                         "the reproducer's .npz": reproducer[1]}, given)
+
+    say("loading model")
+    loaded = _load(model, opts.trust_pickle, opts.weights)
+    if static is not None:
+        opts = _at_size(loaded, opts, static)
+        dynamic = False
+    example, _ = export_example(loaded, opts)
+    if not dynamic:
+        example = example.fixed()
+    # The loaded model goes to diagnose(): its weights are in it already.
+    check = replace(opts, weights=None, fp16=dtype == "fp16", fix_fp16=None)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        attempts: list[Attempt] = []
+        chosen = _attempts(loaded, example, staging, path, dtype, exporter, opts.opset,
+                           verify, check, attempts, say)
+        return _publish(chosen, path, dtype, tuple(attempts), verify, force, dynamic and
+                        bool(example.dynamic), opts)
+    finally:
+        _keep_logs(staging, path.parent)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_arguments(dtype: str, exporter: str, static: tuple[int, int] | None) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}'", hint="use one of: " + ", ".join(DTYPES)
+                         + " (bf16 is not supported yet)")
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter '{exporter}'", hint="use one of: " + ", ".join(EXPORTERS))
+    if static is not None and (len(static) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in static)):
+        raise UsageError(f"static size {static} is not H,W", hint="give two whole numbers > 0, e.g. 256,256")
+
+
+def _at_size(loaded: LoadedModel, opts: Options, size: tuple[int, int]) -> Options:
+    """``opts`` with the first input (an image) at ``size``: what a static file takes."""
+    from .pipeline import export_example
+
+    _, specs = export_example(loaded, opts)
+    lead = specs[0]
+    if len(lead.shape) != 4:
+        raise UsageError(f"--static H,W needs an image input (N,C,H,W); the first input "
+                         f"{lead.name} has shape {tuple(lead.shape)}",
+                         hint="give its fixed shape with --input-shape NAME:DIMS instead")
+    shapes = {k: v for k, v in opts.shapes().items() if k not in (None, lead.name)}
+    shapes[lead.name] = tuple(lead.shape[:2]) + tuple(size)
+    return replace(opts, input_shape=shapes)
+
+
+def _attempts(loaded, example, staging: Path, path: Path, dtype: str, exporter: str,
+              opset: int | None, verify: bool, check: Options, attempts: list[Attempt],
+              say: Progress) -> _Candidate:
+    """Make and diagnose files until one verifies (or none is left to try); the one to
+    publish. Every try is appended to ``attempts``."""
+    from . import fp16 as half
+
+    first = "dynamo" if exporter == "auto" else exporter
+    say(f"exporting with the {first} exporter")
+    fp32 = staging / path.name  # so that a failed exporter's log is named after OUT
+    try:
+        source = export_onnx(loaded, example, fp32, exporter=first, opset=opset,
+                             fallback=exporter == "auto")
+    except ExportError as error:
+        attempts.append(Attempt(first, "fp32", failed=error.message))
+        raise
+    if source.fallback is not None:
+        attempts.append(Attempt(str(source.fallback.failed), "fp32",
+                                failed=f"the {source.fallback.failed} exporter {source.fallback.reason}"))
+    if dtype == "fp32":
+        candidate = _diagnosed(loaded, fp32, source, Attempt(str(source.exporter), "fp32"),
+                               verify, check, say)
+        attempts.append(candidate.attempt)
+        return candidate
+
+    tried: list[_Candidate] = []
+    for method in FP16_METHODS:
+        target = staging / f"{path.stem}_fp16_{method}.onnx"
+        say(f"making a float16 model ({method})")
+        exporter_name = str(source.exporter) if method == "convert" else "legacy"
+        try:
+            written, how = half.make_fp16_onnx(loaded, example, fp32, target, method)
+        except ExportError as error:
+            attempts.append(Attempt(exporter_name, "fp16", method, failed=error.message))
+            continue
+        made = replace(source, path=written, exporter=exporter_name,
+                       notes=source.notes + (f"float16 model: {how}",))
+        # Only the first try writes a reproducer: it is the one kept when none verifies.
+        candidate = _diagnosed(loaded, written, made, Attempt(exporter_name, "fp16", method),
+                               verify, check if not tried else replace(check, reproducer_for=None),
+                               say)
+        attempts.append(candidate.attempt)
+        tried.append(candidate)
+        if not verify or candidate.attempt.verdict == Verdict.PASS:
+            if candidate is not tried[0]:
+                _remove_reproducer(tried[0].diagnosis)
+            return candidate
+    if not tried:
+        raise ExportError("could not make a float16 model: "
+                          + "; ".join(a.failed for a in attempts if a.failed),
+                          hint="convert to fp32 (--dtype fp32), or export the float16 model "
+                               "yourself and check it with layerdiff report --fp16")
+    return tried[0]  # neither verified: the first (fp32 inputs and outputs) is the one kept
+
+
+def _diagnosed(loaded, file: Path, source: OnnxSource, attempt: Attempt, verify: bool,
+               check: Options, say: Progress) -> _Candidate:
+    if not verify:
+        return _Candidate(file, source, attempt, None)
+    from .pipeline import diagnose
+
+    say("verifying the file")
+    diagnosis = diagnose(loaded, file, options=check, progress=say)
+    return _Candidate(file, source, replace(attempt, verdict=diagnosis.verdict), diagnosis)
+
+
+def _remove_reproducer(d: Diagnosis | None) -> None:
+    """The reproducer of a try that was not kept: it would describe another file."""
+    for name in (d.reproducer if d is not None and d.reproducer else ()):
+        Path(name).unlink(missing_ok=True)
+
+
+def _keep_logs(staging: Path, folder: Path) -> None:
+    """A failed exporter's output (``*.log``) goes beside the destination, to be read."""
+    for log in staging.glob("*.log"):
+        log.replace(folder / log.name)
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def _publish(chosen: _Candidate, path: Path, dtype: str, attempts: tuple[Attempt, ...],
+             verify: bool, force: bool, dynamic: bool, opts: Options) -> Conversion:
+    d = chosen.diagnosis
+    reason = _why_not(d, dynamic, opts) if d is not None else ""
+    if not verify:
+        verification = Verification.NOT_VERIFIED
+    elif not reason:
+        verification = Verification.VERIFIED
+    else:
+        verification = Verification.FORCED if force else Verification.FAILED
+    meta = metadata(chosen.source, d, dtype, verification, attempts)
+    written = None
+    if verification != Verification.FAILED:
+        model = onnx.load(str(chosen.path))
+        kept = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        for key, value in meta.items():
+            model.metadata_props.add(key=key, value=value)
+        written = files.atomic_write(path, lambda handle: handle.write(model.SerializeToString()))
+    if d is not None:
+        d = replace(d, onnx=replace(chosen.source, path=path, verified_by=meta),
+                    notes=d.notes + (_outcome(verification, path, reason),))
+    return Conversion(path=written, verdict=d.verdict if d is not None else UNVERIFIED,
+                      diagnosis=d, attempts=attempts, verification=verification,
+                      metadata=meta, reason=reason)
+
+
+def _why_not(d: Diagnosis, dynamic: bool, opts: Options) -> str:
+    """Why the diagnosed file is not verified ("" when it is)."""
+    if d.verdict != Verdict.PASS:
+        return d.summary
+    specs = d.settings.input_specs
+    if dynamic and opts.check_sizes is None and not any(s.dynamic_axes for s in specs):
+        # The dynamo exporter falls back to fixed sizes when it cannot keep them free.
+        return ("free sizes were asked for, but the file takes only the traced size "
+                f"{tuple(specs[0].shape) if specs else ()}: other sizes were not checked; "
+                "convert with --static H,W for a fixed-size file, or --exporter legacy")
+    return ""
+
+
+def _outcome(verification: Verification, path: Path, reason: str) -> str:
+    if verification == Verification.VERIFIED:
+        return f"layerdiff convert verified the file and wrote {path}."
+    if verification == Verification.FORCED:
+        return f"layerdiff convert wrote {path} with --force although it failed: {reason}"
+    return f"layerdiff convert did not write {path}: {reason} (--force writes it anyway)"
+
+
+def metadata(source: OnnxSource, d: Diagnosis | None, dtype: str, verification: Verification,
+             attempts: tuple[Attempt, ...]) -> dict[str, str]:
+    """The ``layerdiff.*`` metadata_props of a converted file (README "Convert")."""
+    from . import __version__
+
+    key = lambda name: METADATA_PREFIX + name  # noqa: E731
+    meta = {key("version"): __version__, key("verified"): verification.value,
+            key("dtype"): dtype, key("exporter"): str(source.exporter),
+            key("opset"): "" if source.opset is None else str(source.opset)}
+    if d is not None:
+        s = d.settings
+        meta[key("inputs")] = json.dumps([{"name": i.onnx_name or i.name, "dtype": i.dtype,
+                                           "shape": list(i.shape)} for i in s.input_specs])
+        meta[key("sizes")] = json.dumps(_sizes(d))
+        meta[key("rtol")], meta[key("atol")] = repr(s.rtol), repr(s.atol)
+        errors = [o.metrics.max_abs for o in d.outputs]
+        if errors:
+            meta[key("max_output_error")] = f"{max(errors):.6g}"
+        psnr = _psnr(d)
+        if psnr is not None:
+            meta[key("psnr")] = "inf" if math.isinf(psnr) else f"{psnr:.2f}"
+    meta[key("attempts")] = json.dumps([a.as_json() for a in attempts])
+    return meta
+
+
+def _sizes(d: Diagnosis) -> list[list[int]]:
+    """The shapes of the first input the file was run at (each input, each other size)."""
+    ran = [list(c.shape) for c in d.cases if c.verdict != CaseVerdict.SKIPPED]
+    specs = d.settings.input_specs
+    return list(map(list, dict.fromkeys(map(tuple, ran)))) or ([list(specs[0].shape)] if specs else [])
+
+
+def _psnr(d: Diagnosis) -> float | None:
+    """The lowest PSNR over image outputs (N,C,H,W), 10 log10(1 / MSE), taking outputs
+    to be images in [0, 1] (as super-resolution models give): None without one."""
+    values = [o.metrics.mse for o in d.outputs
+              if len(o.metrics.shape_torch) == 4 and o.metrics.mse is not None
+              and math.isfinite(o.metrics.mse)]
+    if not values:
+        return None
+    worst = max(values)
+    return math.inf if worst == 0 else 10 * math.log10(1 / worst)
