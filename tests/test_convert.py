@@ -63,7 +63,8 @@ def test_cli_converts_a_clean_model_and_report_shows_the_verification(tmp_path, 
     assert float(meta["layerdiff.max_output_error"]) < 1e-3
     assert float(meta["layerdiff.psnr"]) > 60
     assert json.loads(meta["layerdiff.attempts"]) == [
-        {"exporter": "dynamo", "dtype": "fp32", "method": None, "failed": None, "verdict": "pass"}]
+        {"exporter": "dynamo", "dtype": "fp32", "method": None, "failed": None, "verdict": "pass",
+         "repair": None}]
     assert json.loads((tmp_path / "c.json").read_text())["onnx"]["verified_by"] == meta
     # `report` on the converted file shows what convert wrote into it.
     code = main(["report", str(SAMPLE), "--onnx", str(out), "-o", str(tmp_path / "r.html"),

@@ -11,12 +11,15 @@ metadata_props (``layerdiff.*`` keys, README "Convert"), and it is renamed into 
 diagnosis, marked "not verified".
 
 This module owns the order of attempts (the exporter, then for float16 the conversion
-before ``model.half()``), the metadata, and publishing. Exporting, the float16 files and
+before ``model.half()``), the repairs (README "Convert": when the diagnosis names a cause
+layerdiff can remedy, the file is made again that way, at most MAX_REPAIRS times), the
+metadata, and publishing. Exporting, the float16 files and
 the diagnosis itself are exporting.py's, fp16.py's and pipeline.py's.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -33,12 +36,14 @@ from . import files
 from .errors import ExportError, UsageError
 from .exporting import METADATA_PREFIX, export_onnx
 from .options import Options
-from .records import CaseVerdict, Diagnosis, LoadedModel, OnnxSource, Verdict
+from .records import (Attempt, CaseVerdict, ConversionLog, Diagnosis, LoadedModel, OnnxSource,
+                      Verdict)
 
 DTYPES = ("fp32", "fp16")
 EXPORTERS = ("auto", "dynamo", "legacy")  # auto: dynamo, then legacy if it fails
 FP16_METHODS = ("convert", "half")  # tried in this order (neosr's, then chaiNNer's)
 UNVERIFIED = "unverified"
+MAX_REPAIRS = 3  # per conversion: each repair is one more export and diagnosis
 
 Progress = Callable[[str], None]
 
@@ -55,20 +60,15 @@ class Verification(str, Enum):
         return self.value
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """One file tried: how it was made, what failed, and its diagnosis's verdict."""
+class Repair(str, Enum):
+    """A remedy for a cause the diagnosis recognises (README "Convert", "Repairs")."""
 
-    exporter: str  # "dynamo" | "legacy"
-    dtype: str  # "fp32" | "fp16"
-    method: str = ""  # fp16: "convert" (onnxconverter-common) | "half" (model.half())
-    failed: str = ""  # why no file came out ("" when one did)
-    verdict: Verdict | None = None  # None: not diagnosed (no file, or verify=False)
+    EVAL_MODE = "eval-mode"  # layers left in training mode: export a copy in eval mode
+    KEEP_FP32 = "keep-fp32"  # float16 overflow/underflow: keep those layers in float32
+    OTHER_EXPORTER = "other-exporter"  # a shape frozen at trace time: the other exporter
 
-    def as_json(self) -> dict[str, Any]:
-        return {"exporter": self.exporter, "dtype": self.dtype, "method": self.method or None,
-                "failed": self.failed or None,
-                "verdict": None if self.verdict is None else self.verdict.value}
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,24 @@ class _Candidate:
     source: OnnxSource
     attempt: Attempt
     diagnosis: Diagnosis | None
+    repairs: tuple[Repair, ...] = ()  # the remedies this file was made with, in order
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How files are made: the model, what is traced, where, and how they are checked.
+    A repair makes the next file from a changed plan."""
+
+    loaded: LoadedModel
+    example: Any  # exporting.Example
+    staging: Path  # the folder the files are made in (one per repair)
+    path: Path  # the destination (files are named after it)
+    dtype: str
+    exporter: str
+    opset: int | None
+    verify: bool
+    check: Options
+    say: Progress
 
 
 def convert(
@@ -165,10 +183,15 @@ def convert(
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         attempts: list[Attempt] = []
-        chosen = _attempts(loaded, example, staging, path, dtype, exporter, opts.opset,
-                           verify, check, attempts, say)
-        return _publish(chosen, path, dtype, tuple(attempts), verify, force, dynamic and
-                        bool(example.dynamic), opts)
+        plan = _Plan(loaded, example, staging, path, dtype, exporter, opts.opset, verify,
+                     check, say)
+        chosen = _attempts(plan, attempts)
+        free = dynamic and bool(example.dynamic)
+        if verify:
+            chosen = _repaired(chosen, plan, attempts, free, opts)
+        fixed = None if dynamic else _image_size(example)
+        return _publish(chosen, path, dtype, tuple(attempts), verify, force, free, opts,
+                        exporter, fixed)
     finally:
         _keep_logs(staging, path.parent)
         shutil.rmtree(staging, ignore_errors=True)
@@ -200,12 +223,21 @@ def _at_size(loaded: LoadedModel, opts: Options, size: tuple[int, int]) -> Optio
     return replace(opts, input_shape=shapes)
 
 
-def _attempts(loaded, example, staging: Path, path: Path, dtype: str, exporter: str,
-              opset: int | None, verify: bool, check: Options, attempts: list[Attempt],
-              say: Progress) -> _Candidate:
+def _image_size(example) -> tuple[int, int] | None:
+    """H, W of the first traced input when it is an image (N,C,H,W)."""
+    lead = (*example.args, *example.kwargs.values())[0]
+    return tuple(lead.shape[-2:]) if lead.dim() == 4 else None
+
+
+def _attempts(plan: _Plan, attempts: list[Attempt]) -> _Candidate:
     """Make and diagnose files until one verifies (or none is left to try); the one to
     publish. Every try is appended to ``attempts``."""
     from . import fp16 as half
+
+    loaded, example, staging, path, dtype, exporter, opset, verify, check, say = (
+        plan.loaded, plan.example, plan.staging, plan.path, plan.dtype, plan.exporter,
+        plan.opset, plan.verify, plan.check, plan.say)
+    staging.mkdir(parents=True, exist_ok=True)
 
     first = "dynamo" if exporter == "auto" else exporter
     say(f"exporting with the {first} exporter")
@@ -274,17 +306,165 @@ def _remove_reproducer(d: Diagnosis | None) -> None:
 
 def _keep_logs(staging: Path, folder: Path) -> None:
     """A failed exporter's output (``*.log``) goes beside the destination, to be read."""
-    for log in staging.glob("*.log"):
+    for log in staging.rglob("*.log"):  # repairs make their files in subfolders
         log.replace(folder / log.name)
+
+
+# --------------------------------------------------------------------------- repairs
+
+
+def _repaired(first: _Candidate, plan: _Plan, attempts: list[Attempt], dynamic: bool,
+              opts: Options) -> _Candidate:
+    """The first file a repair makes that verifies, else ``first``.
+
+    Each repair answers a cause named by the latest try's diagnosis and builds on that
+    try's plan (a repair of a repair: the eval-mode copy exported by the other exporter).
+    Every try is appended to ``attempts`` with its repair. Only ``first`` writes a
+    reproducer (it is the one reported when no repair verifies); it is removed when one does.
+    """
+    current, done = first, []
+    while len(done) < MAX_REPAIRS and current.diagnosis is not None \
+            and _why_not(current.diagnosis, dynamic, opts):
+        remedy = _remedy(current, plan, attempts, done, dynamic, opts)
+        if remedy is None:
+            break
+        done.append(remedy)
+        plan.say(f"repairing: {remedy}")
+        made: list[Attempt] = []
+        try:
+            current, plan = _apply(remedy, current, replace(
+                plan, staging=plan.staging / f"repair{len(done)}",
+                check=replace(plan.check, reproducer_for=None)), made)
+        except ExportError:
+            break  # the failed export is in ``made``: why is recorded there
+        finally:
+            attempts.extend(replace(a, repair=str(remedy)) for a in made)
+        if current.diagnosis is not None and not _why_not(current.diagnosis, dynamic, opts):
+            _remove_reproducer(first.diagnosis)
+            return current
+    return first
+
+
+def _remedy(current: _Candidate, plan: _Plan, attempts: list[Attempt], done: list[Repair],
+            dynamic: bool, opts: Options) -> Repair | None:
+    """The remedy for the cause ``current``'s diagnosis names, in this order: training
+    mode (it makes every other layer wrong too), float16 range, a frozen shape."""
+    d = current.diagnosis
+    if Repair.EVAL_MODE not in done and (d.facts.training_modules or d.facts.onnx_training_nodes) \
+            and hasattr(plan.loaded.module, "eval"):
+        return Repair.EVAL_MODE
+    if Repair.KEEP_FP32 not in done and plan.dtype == "fp16" \
+            and current.attempt.method == "convert" and _fp32_nodes(current, plan):
+        return Repair.KEEP_FP32
+    if Repair.OTHER_EXPORTER not in done and _frozen(d, dynamic, opts) \
+            and _other_exporter(plan, current, attempts) is not None:
+        return Repair.OTHER_EXPORTER
+    return None
+
+
+def _apply(remedy: Repair, current: _Candidate, plan: _Plan,
+           made: list[Attempt]) -> tuple[_Candidate, _Plan]:
+    """The file ``remedy`` makes from ``plan`` (its own staging folder), diagnosed."""
+    from . import fp16 as half
+
+    if remedy == Repair.KEEP_FP32:
+        plan.staging.mkdir(parents=True)
+        target = plan.staging / f"{plan.path.stem}_fp16_keep_fp32.onnx"
+        names = _fp32_nodes(current, replace(plan, staging=plan.staging.parent))
+        mixed = half.keep_in_fp32(plan.staging.parent / plan.path.name, names, target)
+        source = replace(current.source, path=mixed, notes=current.source.notes + (
+            f"mixed precision: {len(names)} ONNX node(s) kept in float32 "
+            f"({', '.join(k.module for k in current.diagnosis.facts.fp16.keep)})",))
+        candidate = _diagnosed(plan.loaded, mixed, source,
+                               Attempt(str(current.source.exporter), "fp16", "keep-fp32"),
+                               plan.verify, plan.check, plan.say)
+        made.append(candidate.attempt)
+        # Later repairs start from the same float32 file.
+        return replace(candidate, repairs=current.repairs + (remedy,)), replace(
+            plan, staging=plan.staging.parent)
+    if remedy == Repair.EVAL_MODE:
+        # A copy: the caller's module stays as it was given.
+        module = copy.deepcopy(plan.loaded.module).eval()
+        plan = replace(plan, loaded=replace(plan.loaded, module=module, notes=plan.loaded.notes
+                       + ("exported and verified in eval mode (a copy of the model; it was "
+                          "given in training mode)",)))
+    else:
+        plan = replace(plan, exporter=_other_exporter(plan, current, made) or plan.exporter)
+    candidate = _attempts(plan, made)
+    return replace(candidate, repairs=current.repairs + (remedy,)), plan
+
+
+def _fp32_nodes(current: _Candidate, plan: _Plan) -> list[str]:
+    """The float16 diagnosis's layers to keep in float32, as nodes of the float32 file
+    the float16 one was converted from (the converter keeps node names)."""
+    findings = current.diagnosis.facts.fp16 if current.diagnosis is not None else None
+    fp32 = plan.staging / plan.path.name
+    if findings is None or not findings.keep or not fp32.is_file():
+        return []
+    known = {n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node}
+    return [n for n in findings.node_names if n in known]
+
+
+def _frozen(d: Diagnosis, dynamic: bool, opts: Options) -> bool:
+    """Free sizes were asked for and the file is right only at the traced size."""
+    return dynamic and (any(s.rule == "frozen_shape" for s in d.suggestions)
+                        or _fixed_file(d, opts))
+
+
+def _fixed_file(d: Diagnosis, opts: Options) -> bool:
+    """The file came out fixed-size (the dynamo exporter's fallback) although free sizes
+    were asked for."""
+    return (d.verdict == Verdict.PASS and opts.check_sizes is None
+            and not any(s.dynamic_axes for s in d.settings.input_specs))
+
+
+def _other_exporter(plan: _Plan, current: _Candidate, attempts: list[Attempt]) -> str | None:
+    """The exporter a frozen shape is retried with: only under ``exporter="auto"`` (a named
+    exporter is that one only), and not one that already failed in this conversion."""
+    other = {"dynamo": "legacy", "legacy": "dynamo"}.get(current.attempt.exporter)
+    if plan.exporter != "auto" or other is None:
+        return None
+    if any(a.exporter == other and a.failed for a in attempts):
+        return None
+    return other
+
+
+def _no_dynamic_export(d: Diagnosis, attempts: tuple[Attempt, ...], exporter: str) -> str:
+    """Why no file with free sizes is right, exporter by exporter, and the fixed-size way out."""
+    said = []
+    for name in ("dynamo", "legacy"):
+        mine = [a for a in attempts if a.exporter == name]
+        if not mine:
+            said.append(f"the {name} exporter was not tried (--exporter {exporter} uses that "
+                        "one only; --exporter auto tries both)")
+        elif all(a.failed for a in mine):
+            said.append(f"the {name} exporter failed")
+        else:
+            said.append(f"the {name} exporter's file is right only at the traced size")
+    lead = d.settings.input_specs[0].shape if d.settings.input_specs else ()
+    size = f"--static {lead[-2]},{lead[-1]}" if len(lead) == 4 else "--static H,W"
+    return ("no dynamic export is right: " + "; ".join(said)
+            + f"; {size} writes a file fixed at the requested size")
 
 
 # --------------------------------------------------------------------------- publishing
 
 
 def _publish(chosen: _Candidate, path: Path, dtype: str, attempts: tuple[Attempt, ...],
-             verify: bool, force: bool, dynamic: bool, opts: Options) -> Conversion:
+             verify: bool, force: bool, dynamic: bool, opts: Options, exporter: str,
+             fixed: tuple[int, int] | None) -> Conversion:
     d = chosen.diagnosis
     reason = _why_not(d, dynamic, opts) if d is not None else ""
+    if reason and _frozen(d, dynamic, opts):
+        reason = f"{_no_dynamic_export(d, attempts, exporter)}. {reason}"
+    safe_level = None
+    if d is not None and d.facts.vanishes_without_ort_optimisation is True:
+        # The graph is right; onnxruntime's rewrite of it is not (rule ort_optimisation).
+        safe_level = "disable"
+        reason += (f" The file passes with onnxruntime's graph optimisations off "
+                   f"(--ort-level disable, written as layerdiff.safe_ort_level), not at the "
+                   f"level asked ('{d.facts.ort_optimisation_level}'): deploy it with "
+                   "optimisations off.")
     if not verify:
         verification = Verification.NOT_VERIFIED
     elif not reason:
@@ -292,6 +472,14 @@ def _publish(chosen: _Candidate, path: Path, dtype: str, attempts: tuple[Attempt
     else:
         verification = Verification.FORCED if force else Verification.FAILED
     meta = metadata(chosen.source, d, dtype, verification, attempts)
+    if chosen.repairs:
+        meta[METADATA_PREFIX + "repairs"] = json.dumps([str(r) for r in chosen.repairs])
+    if Repair.EVAL_MODE in chosen.repairs:
+        meta[METADATA_PREFIX + "model_mode"] = "eval (a copy of the model, given in training mode)"
+    if fixed is not None:
+        meta[METADATA_PREFIX + "fixed_size"] = f"{fixed[0]},{fixed[1]}"
+    if safe_level is not None:
+        meta[METADATA_PREFIX + "safe_ort_level"] = safe_level
     written = None
     if verification != Verification.FAILED:
         model = onnx.load(str(chosen.path))
@@ -303,7 +491,8 @@ def _publish(chosen: _Candidate, path: Path, dtype: str, attempts: tuple[Attempt
         written = files.atomic_write(path, lambda handle: handle.write(model.SerializeToString()))
     if d is not None:
         d = replace(d, onnx=replace(chosen.source, path=path, verified_by=meta),
-                    notes=d.notes + (_outcome(verification, path, reason),))
+                    notes=d.notes + (_outcome(verification, path, reason),),
+                    conversion=ConversionLog(verification.value, attempts, reason))
     return Conversion(path=written, verdict=d.verdict if d is not None else UNVERIFIED,
                       diagnosis=d, attempts=attempts, verification=verification,
                       metadata=meta, reason=reason)

@@ -545,6 +545,35 @@ class Verdict(str, Enum):
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One file ``layerdiff convert`` tried: how it was made, which repair made it, what
+    failed, and its diagnosis's verdict."""
+
+    exporter: str  # "dynamo" | "legacy"
+    dtype: str  # "fp32" | "fp16"
+    method: str = ""  # fp16: "convert" | "half" | "keep-fp32" (mixed precision)
+    failed: str = ""  # why no file came out ("" when one did)
+    verdict: Verdict | None = None  # None: not diagnosed (no file, or verify=False)
+    repair: str = ""  # the remedy that produced this try ("" for the first tries)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"exporter": self.exporter, "dtype": self.dtype, "method": self.method or None,
+                "failed": self.failed or None,
+                "verdict": None if self.verdict is None else self.verdict.value,
+                "repair": self.repair or None}
+
+
+@dataclass(frozen=True)
+class ConversionLog:
+    """What ``layerdiff convert`` did around the diagnosis it reports: shown in the
+    report's run details and the JSON's "conversion"."""
+
+    verification: str  # converting.Verification's value
+    attempts: tuple[Attempt, ...]
+    reason: str = ""  # why the file is not verified ("" when it is)
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     verdict: Verdict
     summary: str
@@ -567,6 +596,7 @@ class Diagnosis:
     reproducer: tuple[str, str] | None = None
     # Small arrays the report shows (|diff| of the first divergence, ...), never serialised.
     previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    conversion: ConversionLog | None = None  # set only by layerdiff convert
 
     def __post_init__(self) -> None:
         _members(self, verdict=Verdict)

@@ -375,6 +375,10 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "versions": {str(k): _plain(v) for k, v in d.versions.items()},
         "notes": list(d.notes),
         "error": d.error,
+        **({} if d.conversion is None else {"conversion": {
+            "verification": d.conversion.verification,
+            "attempts": [a.as_json() for a in d.conversion.attempts],
+            "reason": d.conversion.reason}}),
     }
 
 
@@ -795,6 +799,7 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "unmatched_onnx": list(al.unmatched_onnx) if al else [],
         "has_scopes": al.has_scopes if al else None,
         "notes": notes,
+        "conversion": d.conversion,
         "facts": facts,
         "previews": previews,
         "histograms": _histograms(d),
