@@ -155,3 +155,17 @@ def test_the_cli_shows_the_attempts_in_the_json_and_the_report(tmp_path, capsys)
                  "-o", str(tmp_path / "r.html"), "--json", str(tmp_path / "r.json")])
     assert "conversion" not in json.loads((tmp_path / "r.json").read_text())
     assert "Attempts (layerdiff convert)" not in (tmp_path / "r.html").read_text()
+
+
+def test_a_divergence_only_with_ort_optimisations_records_the_safe_level(tmp_path):
+    from test_rules import ConvGELU  # legacy GELU is exact; ORT's optional fusion is not
+
+    out = tmp_path / "gelu.onnx"
+    result = convert(ConvGELU().eval(), out, exporter="legacy", input_shape=SMALL, force=True,
+                     ort_level="all", ort_config={"optimization.enable_gelu_approximation": "1"})
+    assert result.diagnosis.facts.vanishes_without_ort_optimisation is True
+    # No re-export: the graph is right. Not verified at the level asked (exit 1).
+    assert [a.repair for a in result.attempts] == [""] and result.exit_code == 1
+    assert result.verification == Verification.FORCED
+    assert "--ort-level disable" in result.reason
+    assert metadata(out)["layerdiff.safe_ort_level"] == "disable"
