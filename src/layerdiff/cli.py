@@ -137,7 +137,7 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="FILE", dest="inputs",
                         help="also run this image (PNG/JPEG/...) or .npy tensor for the image "
                              "input; repeatable")
-    parser.add_argument("--check-sizes", nargs="+", metavar="H,W", type=_size,
+    parser.add_argument("--check-sizes", nargs="+", metavar="SIZE", type=_size,
                         help="also run at these sizes of the inputs' free axes: H,W for images, "
                              "a length for sequences (default: one odd size near the main one "
                              "when the ONNX takes any); 'none' for no other size")

@@ -384,7 +384,13 @@ def _apply(remedy: Repair, current: _Candidate, plan: _Plan,
             plan, staging=plan.staging.parent)
     if remedy == Repair.EVAL_MODE:
         # A copy: the caller's module stays as it was given.
-        module = copy.deepcopy(plan.loaded.module).eval()
+        try:
+            module = copy.deepcopy(plan.loaded.module).eval()
+        except Exception as exc:  # noqa: BLE001 - a module that cannot be copied: no repair
+            made.append(Attempt(str(current.source.exporter), plan.dtype,
+                                failed=f"the model cannot be copied to put it in eval mode: "
+                                       f"{type(exc).__name__}: {exc}"))
+            return current, plan
         plan = replace(plan, loaded=replace(plan.loaded, module=module, notes=plan.loaded.notes
                        + ("exported and verified in eval mode (a copy of the model; it was "
                           "given in training mode)",)))
