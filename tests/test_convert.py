@@ -26,14 +26,18 @@ SAMPLE = ROOT / "samples" / "compact_x4.pth"
 SMALL = (1, 3, 16, 16)
 
 
-class FrozenSize(torch.nn.Module):
-    """Upsamples to a size computed as Python ints: the legacy exporter bakes the traced
-    size into the file, so at any other size its output has the wrong shape."""
+class OneConv(torch.nn.Module):
+    """One 3x3 convolution with seeded weights; subclasses say what forward does with it."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+
+class FrozenSize(OneConv):
+    """Upsamples to a size computed as Python ints: the legacy exporter bakes the traced
+    size into the file, so at any other size its output has the wrong shape."""
 
     def forward(self, x):
         y = self.conv(x)
@@ -180,13 +184,8 @@ def test_assert_matches_names_the_first_divergence_and_the_fix(exported, tmp_pat
     assert "suggestion: " in message and "fix: " in message
 
 
-class Overflows(torch.nn.Module):
+class Overflows(OneConv):
     """Values above float16's 65504 in the middle: no float16 file of it can verify."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, x):
         big = self.conv(x + 1) * 300  # constants within the converter's 1e4 clamp
@@ -213,13 +212,8 @@ def test_no_verify_takes_no_report_options(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-class DataDependent(torch.nn.Module):
+class DataDependent(OneConv):
     """A branch on a value: torch.export refuses it, the legacy exporter traces one side."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, x):
         y = self.conv(x)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import torch
 import torch.nn.functional as F
 
@@ -13,13 +12,8 @@ from layerdiff.cli import main
 from layerdiff.converting import Verification, convert
 from layerdiff.fp16 import is_fp16
 from layerdiff.records import Verdict
+from test_convert import SMALL, FrozenSize, OneConv, metadata
 from test_fp16 import Overflow
-
-SMALL = (1, 3, 16, 16)
-
-
-def metadata(path) -> dict[str, str]:
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 class TrainingMode(torch.nn.Module):
@@ -71,14 +65,9 @@ def test_fp16_overflow_is_repaired_by_keeping_its_layers_in_fp32(tmp_path):
                for n in result.diagnosis.onnx.notes)
 
 
-class FrozenAndBranchy(torch.nn.Module):
+class FrozenAndBranchy(OneConv):
     """torch.export refuses the branch on a value; the legacy exporter traces it and
     freezes the upsampled size (Python ints): no dynamic export of it is right."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, x):
         y = self.conv(x)
@@ -104,21 +93,11 @@ def test_no_dynamic_export_is_right_offers_a_static_size_and_does_not_switch(tmp
 
 
 def test_a_named_exporter_is_not_switched_and_the_reason_says_so(tmp_path):
-    class Frozen(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return F.interpolate(y, size=(int(y.shape[2]) * 2, int(y.shape[3]) * 2))
-
-    result = convert(Frozen().eval(), tmp_path / "f.onnx", exporter="legacy", input_shape=SMALL)
+    result = convert(FrozenSize().eval(), tmp_path / "f.onnx", exporter="legacy", input_shape=SMALL)
     assert [a.exporter for a in result.attempts] == ["legacy"] and result.exit_code == 1
     assert "the dynamo exporter was not tried (--exporter legacy" in result.reason
     # With auto the dynamo exporter keeps the size free (torch 2.14.1): no repair needed.
-    auto = convert(Frozen().eval(), tmp_path / "a.onnx", input_shape=SMALL)
+    auto = convert(FrozenSize().eval(), tmp_path / "a.onnx", input_shape=SMALL)
     assert auto.verification == Verification.VERIFIED, auto.reason
 
 
