@@ -210,10 +210,9 @@ def _check_arguments(dtype: str, exporter: str, static: tuple[int, int] | None) 
 
 def _at_size(loaded: LoadedModel, opts: Options, size: tuple[int, int]) -> Options:
     """``opts`` with the first input (an image) at ``size``: what a static file takes."""
-    from .pipeline import export_example
+    from .pipeline import export_specs
 
-    _, specs = export_example(loaded, opts)
-    lead = specs[0]
+    lead = export_specs(loaded, opts)[0]
     if len(lead.shape) != 4:
         raise UsageError(f"--static H,W needs an image input (N,C,H,W); the first input "
                          f"{lead.name} has shape {tuple(lead.shape)}",

@@ -9,6 +9,7 @@ first divergence, re-check without ORT optimisation, apply the rules.
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 from dataclasses import replace
@@ -110,18 +111,18 @@ def diagnose(
     main_values = given_values or cases_.draw(specs, opts.seed)
 
     out = files.export_path(opts.output_dir, _stem(loaded))
+    # Made once, when an export needs it: naming the outputs runs the model.
+    example = functools.cache(lambda: _example(loaded, specs, main_values))
     if onnx is None:
         say(f"exporting with the {opts.exporter} exporter")
         out.parent.mkdir(parents=True, exist_ok=True)
-        example = _example(loaded, specs, main_values)
-        source = export_onnx(loaded, example, out, exporter=opts.exporter, opset=opts.opset)
+        source = export_onnx(loaded, example(), out, exporter=opts.exporter, opset=opts.opset)
         export_size = tuple(specs[0].shape[-2:]) if len(specs[0].shape) == 4 else None
     else:
         source = describe_onnx(onnx)
         export_size = None
     fp32_path = None
     if opts.fp16:
-        example = _example(loaded, specs, main_values)
         source, fp32_path = _as_fp16(source, loaded, example, out, opts.fp16_method, say, given)
     graph = (user_graph if user_graph is not None and source.path == Path(onnx)
              else capture_onnx.load_graph(source.path))
@@ -185,12 +186,17 @@ def _specs(loaded: LoadedModel, graph: capture_onnx.OnnxGraph | None, request,
                           request, channels=loaded.input_channels, exported=exported)
 
 
+def export_specs(loaded: LoadedModel, options: Options) -> tuple[InputSpec, ...]:
+    """The inputs ``options`` describe for ``loaded``, before there is an ONNX file."""
+    data = cases_.read_npz(options.input_data) if options.input_data else None
+    request = cases_.Request(shapes=options.shapes(), ranges=options.input_range, data=data or {})
+    return _specs(loaded, None, request)[0]
+
+
 def export_example(loaded: LoadedModel, options: Options) -> tuple[Example, tuple[InputSpec, ...]]:
     """What an export of ``loaded`` traces at the inputs ``options`` describe (drawn
     from its seed), and those inputs."""
-    data = cases_.read_npz(options.input_data) if options.input_data else None
-    request = cases_.Request(shapes=options.shapes(), ranges=options.input_range, data=data or {})
-    specs, _ = _specs(loaded, None, request)
+    specs = export_specs(loaded, options)
     return _example(loaded, specs, cases_.draw(specs, options.seed)), specs
 
 
@@ -624,7 +630,7 @@ def _is_fp16(graph: capture_onnx.OnnxGraph) -> bool:
     return half.is_fp16(graph.model)
 
 
-def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: Example, out: Path,
+def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: Callable[[], Example], out: Path,
              method: str, say: Progress, given: files.Inputs) -> tuple[OnnxSource, Path | None]:
     """The float16 file to diagnose, and the float32 one it came from (if any)."""
     from . import fp16 as half
@@ -634,7 +640,7 @@ def _as_fp16(source: OnnxSource, loaded: LoadedModel, example: Example, out: Pat
     files.check_outputs({"the float16 ONNX file": files.fp16_path(out)}, given)
     say(f"making a float16 model ({method})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    path, how = half.make_fp16_onnx(loaded, example, source.path,
+    path, how = half.make_fp16_onnx(loaded, example(), source.path,
                                     files.fp16_path(out), method)
     return replace(source, path=path, notes=source.notes + (f"float16 model: {how}",)), source.path
 

@@ -120,13 +120,20 @@ def retries(specs: Sequence[InputSpec], seed: int, sizes: Sequence[tuple[int, ..
     fails at it: the same at an aligned size (aligned_other_size)."""
     lead = next((s for s in specs if s.dynamic_axes), None)
     other = aligned_other_size(lead) if lead is not None else None
-    if other is None:
+    if other is None or not sizes:
         return {}
-    found = {}
-    for size in sizes:
-        case = cases(specs, seed, sizes=[other])[-1]
-        found[f"random {'x'.join(map(str, size))}"] = case
-    return found
+    case = _sized_case(specs, lead, other, seed)
+    return {_size_label(size): case for size in sizes}
+
+
+def _sized_case(specs: Sequence[InputSpec], lead: InputSpec, size: tuple[int, ...],
+                seed: int) -> Case:
+    """The random input at ``size`` of ``lead``'s free axes."""
+    return Case(_size_label(size), draw(_resized(specs, lead, size), seed), CaseKind.SIZE)
+
+
+def _size_label(size: Sequence[int]) -> str:
+    return f"random {'x'.join(map(str, size))}"
 
 
 def _odd(x: float) -> int:
@@ -165,8 +172,7 @@ def cases(specs: Sequence[InputSpec], seed: int, *, samples: int = 1,
                              f"varies along {len(lead.dynamic_axes)} axis/axes",
                              hint="give " + ("H,W" if len(lead.dynamic_axes) == 2 else "a length")
                                   + " per size")
-        sized = _resized(specs, lead, tuple(size))
-        found.append(Case(f"random {'x'.join(map(str, size))}", draw(sized, seed), CaseKind.SIZE))
+        found.append(_sized_case(specs, lead, tuple(size), seed))
     return found
 
 
