@@ -137,6 +137,9 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="FILE", dest="inputs",
                         help="also run this image (PNG/JPEG/...) or .npy tensor for the image "
                              "input; repeatable")
+    parser.add_argument("--no-photo", dest="photo", action="store_false",
+                        help="do not run the bundled photo as an input (an image model given "
+                             "no --input or --input-data runs it by default)")
     parser.add_argument("--check-sizes", nargs="+", metavar="SIZE", type=_size,
                         help="also run at these sizes of the inputs' free axes: H,W for images, "
                              "a length for sequences (default: one odd size near the main one "
@@ -343,7 +346,8 @@ def _diagnosis_options(args: argparse.Namespace) -> dict:
     sizes = None if args.check_sizes is None else tuple(s for s in args.check_sizes if s)
     return dict(input_shape=_shapes(args.input_shape), input_range=dict(args.input_range),
                 input_data=args.input_data, seed=args.seed, samples=args.samples,
-                input_files=tuple(args.inputs), check_sizes=sizes, reference=args.reference,
+                input_files=tuple(args.inputs), photo=args.photo, check_sizes=sizes,
+                reference=args.reference,
                 rtol=args.rtol, atol=args.atol, trust_pickle=args.trust_pickle,
                 ort_level=args.ort_level, ort_config=dict(args.ort_config),
                 provider=args.provider, max_memory=args.max_memory, weights=args.weights)

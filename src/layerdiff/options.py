@@ -68,7 +68,8 @@ class Options:
     (``{"input_ids": (1, 32)}``; the key None is the plain form). ``input_range``:
     ``{name: (low, high)}``, values drawn from [low, high). ``input_data``: an .npz of
     real values for every input, run as one more input. ``input_files``: images or .npy
-    arrays for the image input, each run as one more input.
+    arrays for the image input, each run as one more input. ``photo``: when no real values
+    are given, the bundled photograph runs as one more input of an image model.
 
     The rest as the CLI's flags of the same names (README: layerdiff report).
     """
@@ -77,6 +78,7 @@ class Options:
     input_range: dict[str, tuple[float, float]] = field(default_factory=dict)
     input_data: str | Path | None = None
     input_files: tuple[str, ...] = ()
+    photo: bool = True  # the bundled photo as one more input for an image model given none
     seed: int = 0
     samples: int = 1
     check_sizes: tuple[tuple[int, ...], ...] | None = None  # None: one other size, if free

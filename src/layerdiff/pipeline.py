@@ -154,7 +154,8 @@ def diagnose(
     budget = forward_memory.Budget(limit, store_bytes, segment_bytes, footprint)
     case_list = cases_.cases(specs, opts.seed, samples=opts.samples, files=opts.input_files,
                              data=data, data_label=Path(opts.input_data).name if data else "",
-                             sizes=sizes, given=given_values)
+                             sizes=sizes, given=given_values, photo=opts.photo)
+    settings = replace(settings, photo=any(c.kind == CaseKind.PHOTO for c in case_list))
     # The default other size is odd; a model that takes only multiples of 8 or 16 gets a
     # nearby aligned one instead, rather than no other size at all.
     instead = cases_.retries(specs, opts.seed, sizes) if opts.check_sizes is None else {}

@@ -416,6 +416,7 @@ class CaseKind(str, Enum):
     DATA = "data"  # real values for every input (--input-data)
     GIVEN = "given"  # values passed to diagnose(inputs=...)
     SIZE = "size"  # a random input at another size (--check-sizes)
+    PHOTO = "photo"  # the bundled photograph, for an image model given no real image
 
     def __str__(self) -> str:
         return self.value
@@ -524,6 +525,7 @@ class Settings:
     samples: int = 1
     fp16: bool = False
     input_files: tuple[str, ...] = ()  # --input files, then an --input-data archive
+    photo: bool = False  # the bundled photo ran as an input (inputs/photo.py)
     check_sizes: tuple[tuple[int, ...], ...] = ()  # other extents of the dynamic axes
     max_memory: int = 0  # bytes the diagnosis may hold (--max-memory)
 

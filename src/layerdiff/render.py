@@ -302,6 +302,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
                     "keyword": i.keyword, "dynamic_axes": list(i.dynamic_axes)}
                    for i in s.input_specs],
         "input_files": list(s.input_files),
+        "photo": s.photo,
         "check_sizes": [list(c) for c in s.check_sizes],
         "seed": int(s.seed),
         "ignore": list(s.ignore),

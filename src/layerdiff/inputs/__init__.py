@@ -19,13 +19,14 @@ import torch
 
 from ..errors import UsageError
 from ..records import CaseKind, InputKind, InputSpec
+from . import photo as photo_
 from .readers import from_file, read_npz
 from .sampling import as_dtype, random_input, sample, torch_dtype
 from .specs import Request, forward_params, resolve
 
 __all__ = ["Case", "InputSpec", "Request", "aligned_other_size", "as_call", "cases",
            "default_check_size", "retries",
-           "forward_params", "from_file", "random_input", "read_npz", "resolve", "sample",
+           "forward_params", "from_file", "photo_fits", "random_input", "read_npz", "resolve", "sample",
            "torch_dtype", "values_from"]
 
 
@@ -144,13 +145,18 @@ def _odd(x: float) -> int:
 def cases(specs: Sequence[InputSpec], seed: int, *, samples: int = 1,
           files: Sequence[str] = (), data: Mapping[str, np.ndarray] | None = None,
           data_label: str = "", sizes: Sequence[tuple[int, ...]] = (),
-          given: Mapping[str, torch.Tensor] | None = None) -> list[Case]:
-    """The main input first (``given`` values, or random), then more random ones, files,
-    the ``data`` arrays, and other sizes."""
+          given: Mapping[str, torch.Tensor] | None = None, photo: bool = False) -> list[Case]:
+    """The main input first (``given`` values, or random), then more random ones, the
+    bundled photo (``photo``, for an image model given no real values), files, the
+    ``data`` arrays, and other sizes."""
     found = [Case("given inputs", dict(given), CaseKind.GIVEN)] if given else []
     found += [Case(f"random (seed {seed + i})", draw(specs, seed + i), CaseKind.RANDOM)
               for i in range(max(samples, 1) - len(found))]
     main = next((s for s in specs if s.kind == InputKind.IMAGE), None)
+    if photo and photo_fits(specs) and not (given or files or data):
+        values = draw(specs, seed)
+        values[main.name] = photo_.photo(main.shape).to(torch_dtype(main.dtype))
+        found.append(Case(photo_.LABEL, values, CaseKind.PHOTO))
     for path in files:
         if main is None:
             raise UsageError(f"--input {Path(path).name}: the model has no image input",
@@ -174,6 +180,14 @@ def cases(specs: Sequence[InputSpec], seed: int, *, samples: int = 1,
                                   + " per size")
         found.append(_sized_case(specs, lead, tuple(size), seed))
     return found
+
+
+def photo_fits(specs: Sequence[InputSpec]) -> bool:
+    """Whether the bundled photo can be an input: the model takes a floating-point image
+    of 1, 3 or 4 channels."""
+    main = next((s for s in specs if s.kind == InputKind.IMAGE), None)
+    return (main is not None and len(main.shape) == 4 and main.shape[1] in photo_.CHANNELS
+            and torch_dtype(main.dtype).is_floating_point)
 
 
 def draw(specs: Sequence[InputSpec], seed: int) -> dict[str, torch.Tensor]:
