@@ -143,6 +143,36 @@ def test_an_inpainting_mask_is_a_mask():
     assert 0.01 < float(mask.mean()) < 0.9  # some rectangles, not all or nothing
 
 
+def test_the_bundled_photo_is_a_real_image_at_the_input_size():
+    import torch
+
+    from layerdiff.inputs import cases, photo
+    from layerdiff.records import CaseKind, InputKind, InputSpec
+
+    rgb = photo.photo((2, 3, 37, 81))
+    assert rgb.shape == (2, 3, 37, 81) and rgb.dtype == torch.float32
+    assert 0 <= float(rgb.min()) and float(rgb.max()) <= 1 and torch.equal(rgb[0], rgb[1])
+    # A photograph, not noise: neighbouring pixels are close, the picture is not flat.
+    assert float((rgb[..., 1:] - rgb[..., :-1]).abs().mean()) < 0.05 and float(rgb.std()) > 0.1
+    grey = photo.photo((1, 1, 64, 64))
+    assert torch.allclose(grey, (photo.photo((1, 3, 64, 64))
+                                 * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, True))
+    assert torch.all(photo.photo((1, 4, 16, 16))[:, 3] == 1)  # opaque alpha
+
+    image = InputSpec("x", shape=(1, 3, 24, 24), kind=InputKind.IMAGE)
+    mask = InputSpec("mask", shape=(1, 1, 24, 24), kind=InputKind.MASK)
+    ran = cases([image, mask], 0, photo=True)
+    assert [c.kind for c in ran] == [CaseKind.RANDOM, CaseKind.PHOTO]
+    assert ran[1].label == "photo (bundled)" and ran[1].values["x"].shape == (1, 3, 24, 24)
+    assert set(ran[1].values["mask"].unique().tolist()) == {0.0, 1.0}  # the mask is drawn
+    # Not when real values are given, nor for 2-channel images or integer inputs.
+    assert [c.kind for c in cases([image], 0, photo=True, given={"x": rgb[:1, :, :24, :24]})] \
+        == [CaseKind.GIVEN]
+    assert len(cases([InputSpec("x", shape=(1, 2, 8, 8), kind=InputKind.IMAGE)], 0, photo=True)) == 1
+    assert len(cases([InputSpec("ids", dtype="int64", shape=(1, 8), kind=InputKind.TOKENS,
+                                low=0, high=9)], 0, photo=True)) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     # An input the --input-data archive lacks.
     (["--input-data", "{npz_missing}"], "no value for input 'input_ids'"),

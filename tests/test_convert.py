@@ -68,7 +68,10 @@ def test_cli_converts_a_clean_model_and_report_shows_the_verification(tmp_path, 
     assert float(meta["layerdiff.psnr"]) > 60
     assert json.loads(meta["layerdiff.attempts"]) == [
         {"exporter": "dynamo", "dtype": "fp32", "method": None, "failed": None, "verdict": "pass",
-         "repair": None}]
+         "repair": None, "optimizer": None}]
+    cases = json.loads(meta["layerdiff.cases"])  # random, the bundled photo, another size
+    assert [c["kind"] for c in cases] == ["random", "photo", "size"]
+    assert all(c["verdict"] == "pass" for c in cases)
     assert json.loads((tmp_path / "c.json").read_text())["onnx"]["verified_by"] == meta
     # `report` on the converted file shows what convert wrote into it.
     code = main(["report", str(SAMPLE), "--onnx", str(out), "-o", str(tmp_path / "r.html"),
@@ -237,3 +240,69 @@ def test_auto_falls_back_to_legacy_and_records_both_attempts(tmp_path):
         convert(DataDependent().eval(), tmp_path / "only.onnx", exporter="dynamo",
                 input_shape=SMALL)
     assert not (tmp_path / "only.onnx").exists()
+
+
+class ConvScale(OneConv):
+    """A convolution, then a per-channel scale and shift (as a folded normalisation
+    leaves them): both optimisers fold them into the convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, 3).view(1, 3, 1, 1))
+        self.shift = torch.nn.Parameter(torch.linspace(-0.1, 0.1, 3).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) * self.scale + self.shift)
+
+
+@pytest.mark.parametrize("optimizer", ["ort", "onnxslim"])
+def test_optimize_writes_the_optimised_file_once_it_verifies_again(optimizer, tmp_path):
+    plain, optimised = tmp_path / "plain.onnx", tmp_path / "optimised.onnx"
+    convert(ConvScale().eval(), plain, input_shape=SMALL, exporter="dynamo", verify=False)
+    result = convert(ConvScale().eval(), optimised, input_shape=SMALL, exporter="dynamo",
+                     optimize=optimizer)
+    assert result.verification == Verification.VERIFIED, result.reason
+    # The unoptimised file was verified, then the optimised one, which is the one written.
+    assert [(a.optimizer, a.verdict) for a in result.attempts] == [
+        ("", Verdict.PASS), (optimizer, Verdict.PASS)]
+    meta = metadata(optimised)
+    assert meta["layerdiff.optimizer"] == optimizer and meta["layerdiff.verified"] == "true"
+    ops = lambda path: [n.op_type for n in onnx.load(str(path)).graph.node]  # noqa: E731
+    assert "Mul" in ops(plain) and "Mul" not in ops(optimised)
+    assert len(ops(optimised)) < len(ops(plain))
+
+
+def test_optimize_refuses_an_unknown_optimizer_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit
+        main(["convert", str(SAMPLE), "-o", str(tmp_path / "x.onnx"), "--optimize", "fast"])
+    assert stop.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="unknown optimizer"):
+        convert(SAMPLE, tmp_path / "x.onnx", optimize="fast")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_is_written_unverified_with_float32_inputs_and_outputs(tmp_path, capsys):
+    import onnxruntime as ort
+
+    out = tmp_path / "compact_bf16.onnx"
+    # Verification is refused up front, with the reason and the way out.
+    code = main(["convert", str(SAMPLE), "-o", str(out), "--dtype", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot verify a bfloat16 file" in err and "--no-verify" in err
+    assert not out.exists()
+    code = main(["convert", str(SAMPLE), "-o", str(out), "--dtype", "bf16", "--no-verify",
+                 "--input-shape", "1,3,16,16"])
+    assert code == 0 and capsys.readouterr().out.startswith(f"not verified: wrote {out}")
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    weights = [i for i in model.graph.initializer if len(i.dims) > 1]  # not Resize's scales
+    assert weights and {i.data_type for i in weights} == {bf16}
+    assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] \
+        == [fp32, fp32]
+    assert model.opset_import[0].version >= 22
+    meta = metadata(out)
+    assert meta["layerdiff.dtype"] == "bf16" and meta["layerdiff.verified"] == "not verified"
+    # The reason given: onnxruntime's CPU provider cannot run it (when it can, verify it).
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED|Could not find an implementation"):
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

@@ -38,11 +38,11 @@ def test_clean_export_passes(arch, how, exported):
 ])
 def test_other_sizes_are_checked_by_default(arch, how, broken, exported):
     d = diagnose(make_model(arch), exported(arch, how), input_shape=SHAPE)
-    assert [c.kind for c in d.cases] == ["random", "size"]
-    assert d.cases[0].verdict == "pass"
+    assert [c.kind for c in d.cases] == ["random", "photo", "size"]
+    assert d.cases[0].verdict == "pass" and d.cases[1].verdict == "pass"
     if broken:
         assert d.verdict == "diverged"
-        assert d.first_divergence.case == d.cases[1].label
+        assert d.first_divergence.case == d.cases[2].label
         assert "frozen_shape" in [s.rule for s in d.suggestions]
     else:
         assert d.verdict == "pass", d.summary
@@ -287,7 +287,8 @@ def test_first_divergence_carries_its_row_when_inputs_are_combined(exported, tmp
     path, node = with_fault(exported("compact", "nameless"), faults.pixel_shuffle_dcr, tmp_path)
     d = diagnose(make_model("compact"), path, input_shape=SHAPE, samples=2, check_sizes=())
     first = d.first_divergence
-    assert len(d.cases) == 2 and first.onnx_node == node
+    assert [c.kind for c in d.cases] == ["random", "random", "photo"]
+    assert first.onnx_node == node
     row = d.layers[first.layer]
     assert (row.module, row.onnx_node, row.status) == (first.module, node, "fail")
     assert to_json_dict(d)["first_divergence"]["layer"] == first.layer

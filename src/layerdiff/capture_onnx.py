@@ -306,6 +306,18 @@ def optimised_producer(graph: OnnxGraph, node_name: str, *, level: str, provider
     return ""
 
 
+def save_optimised(source: str | Path, target: str | Path, level: str = "basic") -> None:
+    """onnxruntime's offline optimisation of ``source`` at ``level``, saved to ``target``
+    (the file onnxruntime would run). "basic" rewrites keep to standard ONNX operators, so
+    the file runs on every provider; above it the fusions are the CPU provider's own."""
+    options = _options(level, ())
+    options.optimized_model_filepath = str(target)
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxLoadError(f"onnxruntime cannot optimise the file: {first_line(exc)}") from None
+
+
 def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], *, level: str = "all",
               provider: str = "CPUExecutionProvider",
               config: tuple[tuple[str, str], ...] = ()) -> list[np.ndarray]:

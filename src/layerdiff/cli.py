@@ -82,14 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shared(convert)
     convert.add_argument("-o", "--output", metavar="OUT.onnx", required=True,
                          help="the ONNX file to write (only when it verifies, unless --force)")
-    convert.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+    convert.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                          help="fp16: onnxconverter-common conversion with fp32 inputs and outputs, "
-                              "or model.half() exported when that does not verify (default fp32)")
+                              "or model.half() exported when that does not verify; bf16: "
+                              "model.bfloat16() with fp32 inputs and outputs, opset >= 22 "
+                              "(default fp32)")
     convert.add_argument("--exporter", choices=("auto", *EXPORTERS), default="auto",
                          help="auto: dynamo, then legacy if it fails (default); or only that one")
     convert.add_argument("--static", metavar="H,W", type=_static,
                          help="export at this height and width with no free axis (default: "
                               "batch, height and width free)")
+    convert.add_argument("--optimize", choices=("onnxslim", "ort"),
+                         help="optimise the verified file (onnxslim, or onnxruntime's offline "
+                              "'basic' level) and verify it again; kept only when it verifies")
     convert.add_argument("--no-verify", action="store_true",
                          help="write without checking; the file's metadata says it was not verified")
     convert.add_argument("--force", action="store_true",
@@ -438,7 +443,7 @@ def _convert(args: argparse.Namespace) -> int:
     conversion = convert(
         args.model, out, dtype=args.dtype, opset=args.opset, exporter=args.exporter,
         static=args.static, verify=not args.no_verify, force=args.force,
-        progress=_progress(args), reproducer_for=None if args.no_verify else report_path,
+        optimize=args.optimize, progress=_progress(args), reproducer_for=None if args.no_verify else report_path,
         **_diagnosis_options(args),
     )
     d = conversion.diagnosis
@@ -452,7 +457,9 @@ def _convert(args: argparse.Namespace) -> int:
              else f"{out} not written (--force writes it anyway)")
     meta = conversion.metadata
     how = ", ".join(v for v in (args.dtype, meta.get("layerdiff.exporter", "") + " exporter",
-                                "opset " + meta.get("layerdiff.opset", "?")) if v)
+                                "opset " + meta.get("layerdiff.opset", "?"),
+                                "optimised with " + meta["layerdiff.optimizer"]
+                                if "layerdiff.optimizer" in meta else "") if v)
     print(f"{verdict[conversion.verification]}: {where} ({how})"
           + (", marked failed" if conversion.verification == Verification.FORCED else ""))
     if not args.quiet and conversion.reason:

@@ -20,6 +20,7 @@ the diagnosis itself are exporting.py's, fp16.py's and pipeline.py's.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -39,11 +40,19 @@ from .options import Options
 from .records import (Attempt, CaseVerdict, ConversionLog, Diagnosis, LoadedModel, OnnxSource,
                       Verdict)
 
-DTYPES = ("fp32", "fp16")
+DTYPES = ("fp32", "fp16", "bf16")
 EXPORTERS = ("auto", "dynamo", "legacy")  # auto: dynamo, then legacy if it fails
 FP16_METHODS = ("convert", "half")  # tried in this order (neosr's, then chaiNNer's)
+OPTIMIZERS = ("onnxslim", "ort")  # --optimize: onnxslim, or onnxruntime's offline "basic" level
 UNVERIFIED = "unverified"
 MAX_REPAIRS = 3  # per conversion: each repair is one more export and diagnosis
+BF16_OPSET = 22  # the first opset whose Conv, Gemm, Resize... take bfloat16
+# bfloat16 keeps 8 significant bits (float16: 11): 8x float16's default tolerances.
+BF16_RTOL, BF16_ATOL = 8e-2, 8e-3
+# Why a bfloat16 file is not verified (README "Convert"): checked on onnxruntime 1.32.
+BF16_UNVERIFIABLE = ("layerdiff cannot verify a bfloat16 file yet: onnxruntime's CPU provider "
+                     "has no bfloat16 kernels for Conv and most other operators, and the graph "
+                     "reader (onnx-graphsurgeon) cannot read bfloat16 constants")
 
 Progress = Callable[[str], None]
 
@@ -133,6 +142,7 @@ def convert(
     static: tuple[int, int] | None = None,
     verify: bool = True,
     force: bool = False,
+    optimize: str | None = None,
     options: Options | None = None,
     progress: Progress | None = None,
     **settings: Any,
@@ -156,7 +166,10 @@ def convert(
     if opset is not None:
         opts = replace(opts, opset=opset)
     opts.check()
-    _check_arguments(dtype, exporter, static)
+    _check_arguments(dtype, exporter, static, optimize)
+    if dtype == "bf16" and verify:
+        raise UsageError(BF16_UNVERIFIABLE, hint="write it unverified with --no-verify (its "
+                         "metadata says so), or convert to fp16 or fp32, which are verified")
     say = progress or (lambda _msg: None)
     path = Path(path)
     from .pipeline import _load, _model_file, export_example
@@ -178,6 +191,9 @@ def convert(
         example = example.fixed()
     # The loaded model goes to diagnose(): its weights are in it already.
     check = replace(opts, weights=None, fp16=dtype == "fp16", fix_fp16=None)
+    if dtype == "bf16":
+        check = replace(check, rtol=BF16_RTOL if opts.rtol is None else opts.rtol,
+                        atol=BF16_ATOL if opts.atol is None else opts.atol)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -189,23 +205,34 @@ def convert(
         free = dynamic and bool(example.dynamic)
         if verify:
             chosen = _repaired(chosen, plan, attempts, free, opts)
+        notes: list[str] = []
+        if optimize is not None and (not verify or not _why_not(chosen.diagnosis, free, opts)):
+            chosen = _optimized(chosen, plan, attempts, optimize, free, opts, notes)
         fixed = None if dynamic else _image_size(example)
         return _publish(chosen, path, dtype, tuple(attempts), verify, force, free, opts,
-                        exporter, fixed)
+                        exporter, fixed, tuple(notes))
     finally:
         _keep_logs(staging, path.parent)
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_arguments(dtype: str, exporter: str, static: tuple[int, int] | None) -> None:
+def _check_arguments(dtype: str, exporter: str, static: tuple[int, int] | None,
+                     optimize: str | None = None) -> None:
     if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype '{dtype}'", hint="use one of: " + ", ".join(DTYPES)
-                         + " (bf16 is not supported yet)")
+        raise UsageError(f"unknown dtype '{dtype}'", hint="use one of: " + ", ".join(DTYPES))
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter '{exporter}'", hint="use one of: " + ", ".join(EXPORTERS))
     if static is not None and (len(static) != 2 or any(
             isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in static)):
         raise UsageError(f"static size {static} is not H,W", hint="give two whole numbers > 0, e.g. 256,256")
+    if optimize is not None and optimize not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer '{optimize}'", hint="use one of: " + ", ".join(OPTIMIZERS))
+    if optimize == "onnxslim":
+        try:
+            import onnxslim  # noqa: F401
+        except ImportError:
+            raise UsageError("--optimize onnxslim needs the onnxslim package",
+                             hint="pip install onnxslim, or use --optimize ort") from None
 
 
 def _at_size(loaded: LoadedModel, opts: Options, size: tuple[int, int]) -> Options:
@@ -239,6 +266,8 @@ def _attempts(plan: _Plan, attempts: list[Attempt]) -> _Candidate:
     staging.mkdir(parents=True, exist_ok=True)
 
     first = "dynamo" if exporter == "auto" else exporter
+    if dtype == "bf16":
+        return _bf16_attempt(plan, first, attempts)
     say(f"exporting with the {first} exporter")
     fp32 = staging / path.name  # so that a failed exporter's log is named after OUT
     try:
@@ -284,6 +313,59 @@ def _attempts(plan: _Plan, attempts: list[Attempt]) -> _Candidate:
                           hint="convert to fp32 (--dtype fp32), or export the float16 model "
                                "yourself and check it with layerdiff report --fp16")
     return tried[0]  # neither verified: the first (fp32 inputs and outputs) is the one kept
+
+
+def _bf16_attempt(plan: _Plan, first: str, attempts: list[Attempt]) -> _Candidate:
+    """The model in bfloat16 (traiNNer-redux's ``model.bfloat16()``), exported with float32
+    inputs and outputs (Casts at the borders, as the float16 conversion keeps them) at
+    opset BF16_OPSET or later, and diagnosed against the float32 model."""
+    target = plan.staging / f"{plan.path.stem}_bf16.onnx"
+    plan.say(f"exporting a bfloat16 model with the {first} exporter")
+    model = replace(plan.loaded, module=_in_bfloat16(plan.loaded.module))
+    opset = max(plan.opset or 0, BF16_OPSET)
+    try:
+        source = export_onnx(model, plan.example, target, exporter=first, opset=opset,
+                             fallback=plan.exporter == "auto")
+    except ExportError as error:
+        attempts.append(Attempt(first, "bf16", "bfloat16", failed=error.message))
+        raise
+    if source.fallback is not None:
+        attempts.append(Attempt(str(source.fallback.failed), "bf16", "bfloat16",
+                                failed=f"the {source.fallback.failed} exporter {source.fallback.reason}"))
+    source = replace(source, notes=source.notes + (
+        "bfloat16 model: model.bfloat16() exported with float32 inputs and outputs",))
+    candidate = _diagnosed(plan.loaded, target, source,
+                           Attempt(str(source.exporter), "bf16", "bfloat16"), plan.verify,
+                           plan.check, plan.say)
+    attempts.append(candidate.attempt)
+    return candidate
+
+
+def _in_bfloat16(module: torch.nn.Module) -> torch.nn.Module:
+    """A bfloat16 copy of ``module`` whose forward() takes and returns float32: its class
+    is a subclass that casts at the borders, so that its layers keep their names."""
+    base = type(module)
+
+    @functools.wraps(base.forward)  # the signature the exporters read
+    def forward(self, *args, **kwargs):
+        cast = lambda v: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
+        out = base.forward(self, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+        return _float32(out)
+
+    copied = copy.deepcopy(module).to(torch.bfloat16)
+    copied.__class__ = type(base.__name__, (base,), {"forward": forward})
+    return copied
+
+
+def _float32(value: Any) -> Any:
+    """``value``'s bfloat16 tensors as float32, through tuples, lists and dicts."""
+    if torch.is_tensor(value):
+        return value.float() if value.dtype == torch.bfloat16 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    return value
 
 
 def _diagnosed(loaded, file: Path, source: OnnxSource, attempt: Attempt, verify: bool,
@@ -452,12 +534,67 @@ def _no_dynamic_export(d: Diagnosis, attempts: tuple[Attempt, ...], exporter: st
             + f"; {size} writes a file fixed at the requested size")
 
 
+# --------------------------------------------------------------------------- optimising
+
+
+def _optimized(chosen: _Candidate, plan: _Plan, attempts: list[Attempt], how: str,
+               dynamic: bool, opts: Options, notes: list[str]) -> _Candidate:
+    """``chosen`` run through the optimiser ``how`` and verified again: the optimised file
+    when it verifies (or verify is off), else ``chosen``, with a note saying why."""
+    target = chosen.path.with_name(f"{chosen.path.stem}_{how}.onnx")
+    attempt = replace(chosen.attempt, optimizer=how, verdict=None, failed="", repair="")
+    plan.say(f"optimising with {how}")
+    try:
+        optimise_file(chosen.path, target, how)
+    except ExportError as error:
+        attempts.append(replace(attempt, failed=error.message))
+        notes.append(f"--optimize {how} failed ({error.message}): the file is not optimised.")
+        return chosen
+    source = replace(chosen.source, path=target,
+                     notes=chosen.source.notes + (f"optimised with {_OPTIMIZER_NAMES[how]}",))
+    candidate = _diagnosed(plan.loaded, target, source, attempt, plan.verify,
+                           replace(plan.check, reproducer_for=None), plan.say)
+    attempts.append(candidate.attempt)
+    if candidate.diagnosis is None or not _why_not(candidate.diagnosis, dynamic, opts):
+        return replace(candidate, repairs=chosen.repairs)
+    first = candidate.diagnosis.first_divergence
+    where = f" (first divergence: {first.module or first.onnx_node})" if first is not None else ""
+    notes.append(f"{_OPTIMIZER_NAMES[how]}'s file did not verify{where}: the file written "
+                 "is the unoptimised one, which did.")
+    return chosen
+
+
+_OPTIMIZER_NAMES = {"onnxslim": "onnxslim", "ort": "onnxruntime's offline 'basic' optimisation"}
+
+
+def optimise_file(source: Path, target: Path, how: str) -> Path:
+    """``source`` optimised by ``how`` ("onnxslim" or "ort") into ``target``. Raises
+    ExportError when the optimiser fails."""
+    from .capture_onnx import save_optimised
+    from .errors import OnnxLoadError
+
+    try:
+        if how == "ort":
+            save_optimised(source, target, "basic")
+        else:
+            import onnxslim
+
+            onnx.save(onnxslim.slim(str(source)), str(target))
+    except OnnxLoadError as error:
+        raise ExportError(error.message) from None
+    except Exception as exc:  # noqa: BLE001 - onnxslim raises whatever its passes raise
+        raise ExportError(f"onnxslim failed: {type(exc).__name__}: {exc}") from None
+    if not target.is_file():
+        raise ExportError(f"{how} wrote no file")
+    return target
+
+
 # --------------------------------------------------------------------------- publishing
 
 
 def _publish(chosen: _Candidate, path: Path, dtype: str, attempts: tuple[Attempt, ...],
              verify: bool, force: bool, dynamic: bool, opts: Options, exporter: str,
-             fixed: tuple[int, int] | None) -> Conversion:
+             fixed: tuple[int, int] | None, notes: tuple[str, ...] = ()) -> Conversion:
     d = chosen.diagnosis
     reason = _why_not(d, dynamic, opts) if d is not None else ""
     if reason and _frozen(d, dynamic, opts):
@@ -485,6 +622,8 @@ def _publish(chosen: _Candidate, path: Path, dtype: str, attempts: tuple[Attempt
         meta[METADATA_PREFIX + "fixed_size"] = f"{fixed[0]},{fixed[1]}"
     if safe_level is not None:
         meta[METADATA_PREFIX + "safe_ort_level"] = safe_level
+    if chosen.attempt.optimizer:
+        meta[METADATA_PREFIX + "optimizer"] = chosen.attempt.optimizer
     written = None
     if verification != Verification.FAILED:
         model = onnx.load(str(chosen.path))
@@ -496,7 +635,7 @@ def _publish(chosen: _Candidate, path: Path, dtype: str, attempts: tuple[Attempt
         written = files.atomic_write(path, lambda handle: handle.write(model.SerializeToString()))
     if d is not None:
         d = replace(d, onnx=replace(chosen.source, path=path, verified_by=meta),
-                    notes=d.notes + (_outcome(verification, path, reason),),
+                    notes=d.notes + notes + (_outcome(verification, path, reason),),
                     conversion=ConversionLog(verification.value, attempts, reason))
     return Conversion(path=written, verdict=d.verdict if d is not None else UNVERIFIED,
                       diagnosis=d, attempts=attempts, verification=verification,
@@ -538,6 +677,10 @@ def metadata(source: OnnxSource, d: Diagnosis | None, dtype: str, verification: 
         meta[key("inputs")] = json.dumps([{"name": i.onnx_name or i.name, "dtype": i.dtype,
                                            "shape": list(i.shape)} for i in s.input_specs])
         meta[key("sizes")] = json.dumps(_sizes(d))
+        if d.cases:  # what it ran on: random draws, the bundled photo, files, other sizes
+            meta[key("cases")] = json.dumps([{"input": c.label, "kind": c.kind.value,
+                                              "shape": list(c.shape), "verdict": c.verdict.value}
+                                             for c in d.cases])
         meta[key("rtol")], meta[key("atol")] = repr(s.rtol), repr(s.atol)
         errors = [o.metrics.max_abs for o in d.outputs]
         if errors:

@@ -552,17 +552,18 @@ class Attempt:
     failed, and its diagnosis's verdict."""
 
     exporter: str  # "dynamo" | "legacy"
-    dtype: str  # "fp32" | "fp16"
-    method: str = ""  # fp16: "convert" | "half" | "keep-fp32" (mixed precision)
+    dtype: str  # "fp32" | "fp16" | "bf16"
+    method: str = ""  # fp16: "convert" | "half" | "keep-fp32" (mixed precision); "bfloat16"
     failed: str = ""  # why no file came out ("" when one did)
     verdict: Verdict | None = None  # None: not diagnosed (no file, or verify=False)
     repair: str = ""  # the remedy that produced this try ("" for the first tries)
+    optimizer: str = ""  # --optimize: "onnxslim" | "ort" ran over the file ("" none)
 
     def as_json(self) -> dict[str, Any]:
         return {"exporter": self.exporter, "dtype": self.dtype, "method": self.method or None,
                 "failed": self.failed or None,
                 "verdict": None if self.verdict is None else self.verdict.value,
-                "repair": self.repair or None}
+                "repair": self.repair or None, "optimizer": self.optimizer or None}
 
 
 @dataclass(frozen=True)
