@@ -40,6 +40,9 @@ def test_other_sizes_are_checked_by_default(arch, how, broken, exported):
     d = diagnose(make_model(arch), exported(arch, how), input_shape=SHAPE)
     assert [c.kind for c in d.cases] == ["random", "photo", "size"]
     assert d.cases[0].verdict == "pass" and d.cases[1].verdict == "pass"
+    # Inputs after the first are compared by their outputs; one whose outputs differ
+    # while no layer was located yet is walked layer by layer to find where.
+    assert [c.layer_by_layer for c in d.cases] == [True, False, broken]
     if broken:
         assert d.verdict == "diverged"
         assert d.first_divergence.case == d.cases[2].label
@@ -292,3 +295,17 @@ def test_first_divergence_carries_its_row_when_inputs_are_combined(exported, tmp
     row = d.layers[first.layer]
     assert (row.module, row.onnx_node, row.status) == (first.module, node, "fail")
     assert to_json_dict(d)["first_divergence"]["layer"] == first.layer
+
+
+def test_a_later_input_is_compared_by_its_outputs_once_a_divergence_is_located(exported, tmp_path):
+    from layerdiff.render import to_json_dict
+
+    path, node = with_fault(exported("compact", "dynamo"), faults.pixel_shuffle_dcr, tmp_path)
+    d = diagnose(make_model("compact"), path, input_shape=SHAPE, check_sizes=())
+    main, photo = d.cases
+    assert d.first_divergence.onnx_node == node and d.first_divergence.case == main.label
+    assert main.layer_by_layer and main.verdict == "diverged"
+    assert not photo.layer_by_layer and photo.verdict == "diverged" and photo.max_output_error > 0
+    assert photo.note.startswith(f"outputs compared; the layers were compared on {main.label}")
+    assert all(layer.case != photo.label for layer in d.layers)
+    assert [c["layer_by_layer"] for c in to_json_dict(d)["cases"]] == [True, False]

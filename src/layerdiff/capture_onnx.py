@@ -321,11 +321,27 @@ def save_optimised(source: str | Path, target: str | Path, level: str = "basic")
 def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], *, level: str = "all",
               provider: str = "CPUExecutionProvider",
               config: tuple[tuple[str, str], ...] = ()) -> list[np.ndarray]:
-    """Run the model as the user would: no marked outputs. Without onnxruntime's CPU
-    arena (it changes no value): the arena grows in powers of two and kept ESRGAN at
-    1568 px some 2 GiB above what the run needs."""
-    session = _session(graph.model.SerializeToString(), level, provider, config, arena=False)
-    return session.run(None, feeds)
+    """Run the model as the user would: no marked outputs (PlainRunner, used once)."""
+    return PlainRunner(graph, level=level, provider=provider, config=config).run(feeds)
+
+
+class PlainRunner:
+    """The model as the user runs it (no marked outputs), its session made on the first
+    run and kept for the next. Without onnxruntime's CPU arena (it changes no value): the
+    arena grows in powers of two and kept ESRGAN at 1568 px some 2 GiB above what the
+    run needs. Raises OnnxLoadError when onnxruntime cannot load the model, and
+    onnxruntime's own exception when a run fails."""
+
+    def __init__(self, graph: OnnxGraph, *, level: str, provider: str,
+                 config: tuple[tuple[str, str], ...] = ()) -> None:
+        self._graph, self._level, self._provider, self._config = graph, level, provider, config
+        self._session: ort.InferenceSession | None = None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._session is None:
+            self._session = _session(self._graph.model.SerializeToString(), self._level,
+                                     self._provider, self._config, arena=False)
+        return self._session.run(None, feeds)
 
 
 def _exposing(graph: OnnxGraph, name: str) -> bytes:

@@ -111,8 +111,10 @@ class _Recorder:
     """Hook state: the calls so far and which live tensor each call produced."""
 
     def __init__(self, model_inputs: list[torch.Tensor], store: MutableMapping[int, np.ndarray],
-                 visit: Callable[[int, torch.Tensor], None] | None, parameters: bool) -> None:
+                 visit: Callable[[int, torch.Tensor], None] | None, parameters: bool,
+                 tick: Callable[[int], None] | None = None) -> None:
         self.calls: list[TorchCall] = []
+        self._tick = tick
         self.activations = store
         self._copy = isinstance(store, dict)
         self._visit = visit
@@ -180,6 +182,8 @@ class _Recorder:
                 if params:
                     self.parameters[index] = params
             self._remember(tensor, index)
+        if self._tick is not None:
+            self._tick(len(self.calls))
 
     def mutated_later(self) -> set[int]:
         """Calls whose output tensor was changed in place after its hook copied it."""
@@ -236,7 +240,7 @@ def training_modules(model: torch.nn.Module) -> tuple[str, ...]:
 def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], *,
             hooks: bool = True, store: MutableMapping[int, np.ndarray] | None = None,
             visit: Callable[[int, torch.Tensor], None] | None = None,
-            parameters: bool = True) -> TorchCapture:
+            parameters: bool = True, tick: Callable[[int], None] | None = None) -> TorchCapture:
     """Run ``model`` once on private copies of ``example`` and record every submodule call.
 
     ``example`` is one input tensor, or forward()'s ``(args, kwargs)`` (inputs.as_call).
@@ -251,7 +255,7 @@ def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], 
     own_args = tuple(a.clone() for a in args)
     own_kwargs = {k: v.clone() for k, v in kwargs.items()}
     own = [*own_args, *own_kwargs.values()]
-    recorder = _Recorder(own, {} if store is None else store, visit, parameters)
+    recorder = _Recorder(own, {} if store is None else store, visit, parameters, tick)
     use_hooks = hooks and not isinstance(model, torch.jit.ScriptModule)
     top = type(model).__name__
     draws = _RandomDraws(lambda: recorder.running[-1] if recorder.running else top)

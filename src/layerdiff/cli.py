@@ -8,6 +8,7 @@ not enough memory), 3 internal error (a bug in layerdiff), 130 interrupted (Ctrl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -358,14 +359,20 @@ def _diagnosis_options(args: argparse.Namespace) -> dict:
                 provider=args.provider, max_memory=args.max_memory, weights=args.weights)
 
 
+@contextlib.contextmanager
 def _progress(args: argparse.Namespace):
-    interactive = sys.stderr.isatty() and not args.quiet
+    """Stages and steps on stderr when it is a terminal (a bar redrawn in place; its line
+    ended before anything else is printed); nothing otherwise, nor with --quiet."""
+    from .progress import TerminalProgress, silent
 
-    def progress(stage: str) -> None:
-        if interactive:
-            print(f"layerdiff: {stage}...", file=sys.stderr)
-
-    return progress
+    if args.quiet or not sys.stderr.isatty():
+        yield silent
+        return
+    progress = TerminalProgress(sys.stderr)
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -393,12 +400,13 @@ def _report(args: argparse.Namespace) -> int:
     from . import render
     from .pipeline import diagnose
 
-    diagnosis = diagnose(
-        args.model, args.onnx, fp16=fp16, fp16_method=args.fp16_method,
-        fix_fp16=args.fix_fp16, ignore=tuple(args.ignore_layer), exporter=args.exporter,
-        opset=args.opset, output_dir=output_dir, progress=_progress(args),
-        reproducer_for=report_path, **_diagnosis_options(args),
-    )
+    with _progress(args) as progress:
+        diagnosis = diagnose(
+            args.model, args.onnx, fp16=fp16, fp16_method=args.fp16_method,
+            fix_fp16=args.fix_fp16, ignore=tuple(args.ignore_layer), exporter=args.exporter,
+            opset=args.opset, output_dir=output_dir, progress=progress,
+            reproducer_for=report_path, **_diagnosis_options(args),
+        )
     output = report_path
     render.write_html(diagnosis, output)
     if args.json:
@@ -440,12 +448,13 @@ def _convert(args: argparse.Namespace) -> int:
     from . import render
     from .converting import Verification, convert
 
-    conversion = convert(
-        args.model, out, dtype=args.dtype, opset=args.opset, exporter=args.exporter,
-        static=args.static, verify=not args.no_verify, force=args.force,
-        optimize=args.optimize, progress=_progress(args), reproducer_for=None if args.no_verify else report_path,
-        **_diagnosis_options(args),
-    )
+    with _progress(args) as progress:
+        conversion = convert(
+            args.model, out, dtype=args.dtype, opset=args.opset, exporter=args.exporter,
+            static=args.static, verify=not args.no_verify, force=args.force,
+            optimize=args.optimize, progress=progress,
+            reproducer_for=None if args.no_verify else report_path, **_diagnosis_options(args),
+        )
     d = conversion.diagnosis
     if d is not None:
         render.write_html(d, report_path)

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import onnx
 import torch
@@ -37,6 +37,7 @@ from . import files
 from .errors import ExportError, UsageError
 from .exporting import METADATA_PREFIX, export_onnx
 from .options import Options
+from .progress import Progress
 from .records import (Attempt, CaseVerdict, ConversionLog, Diagnosis, LoadedModel, OnnxSource,
                       Verdict)
 
@@ -54,7 +55,6 @@ BF16_UNVERIFIABLE = ("layerdiff cannot verify a bfloat16 file yet: onnxruntime's
                      "has no bfloat16 kernels for Conv and most other operators, and the graph "
                      "reader (onnx-graphsurgeon) cannot read bfloat16 constants")
 
-Progress = Callable[[str], None]
 
 
 class Verification(str, Enum):

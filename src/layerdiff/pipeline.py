@@ -27,6 +27,7 @@ from .errors import LayerdiffError, UsageError
 from .exporting import Example, describe_onnx, export_onnx
 from .models import from_module, load_model, model_file, output_stem
 from .options import Options
+from .progress import Progress, silent
 from .records import (
     Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, DivergenceKind, Facts,
     FirstDivergence, InputKind, InputSpec, LayerResult, LayerStatus, LoadedModel, ModelKind, OnnxSource,
@@ -34,8 +35,6 @@ from .records import (
 )
 from .rules import suggest
 from .run_case import CaseRun as _Case, CaseRunner
-
-Progress = Callable[[str], None]
 
 # Of the memory a diagnosis may use beyond what the process holds when it starts and
 # what the model's forward needs (when estimated, footprint.py):
@@ -77,7 +76,7 @@ def diagnose(
     opts.check()
     rtol = opts.rtol if opts.rtol is not None else (1e-2 if opts.fp16 else 1e-3)
     atol = opts.atol if opts.atol is not None else (1e-3 if opts.fp16 else 1e-5)
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     if opts.ort_level not in capture_onnx.LEVELS:
         raise UsageError(f"unknown onnxruntime optimisation level '{opts.ort_level}'",
                          hint="use one of: " + ", ".join(capture_onnx.LEVELS))
@@ -288,7 +287,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
     for number, case in enumerate(case_list):
         say(f"input {number + 1}: {case.label}")
         try:
-            results.append(runner.run(case, number))
+            results.append(_screened(runner, case, results) or runner.run(case, number))
         except capture_onnx.OnnxLoadError as exc:
             if number == 0:
                 return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
@@ -368,11 +367,24 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         model=loaded, onnx=source, settings=settings, versions=versions(graph),
         outputs=tuple(outputs), layers=tuple(layers), first_divergence=first, masked=masked,
         alignment=main.alignment, calls=tuple(main.calls),
-        cases=tuple(r.summary() for r in results) + tuple(skipped) if len(results) + len(skipped) > 1 else (),
+        cases=tuple(_summary(r, first_case) for r in results) + tuple(skipped)
+        if len(results) + len(skipped) > 1 else (),
         facts=facts, notes=tuple(dict.fromkeys(n for n in notes if n)), previews=previews,
         reproducer=written,
     )
     return replace(diagnosis, suggestions=suggest(diagnosis))
+
+
+def _screened(runner: CaseRunner, case: cases_.Case, results: list[_Case]) -> _Case | None:
+    """An input after the first, compared by its outputs alone when that settles it: they
+    pass, or a divergence was already located layer by layer on an earlier input. Else
+    None: the input is walked layer by layer (to find where it diverges)."""
+    if not results:
+        return None
+    run = runner.screen(case)
+    if run is None or not (run.passed or any(r.first is not None for r in results)):
+        return None
+    return run
 
 
 def explain_alignment(
@@ -430,6 +442,14 @@ _SEVERITY = {LayerStatus.FAIL: 3, LayerStatus.PROPAGATED: 2, LayerStatus.PASS: 1
 def _normalised_error(layer: LayerResult) -> float:
     m = layer.metrics
     return 0.0 if m is None else m.max_abs / max(m.scale, 1e-30)
+
+
+def _summary(case: _Case, first_case: _Case | None) -> CaseResult:
+    """``case``'s row; a screened one says where its layers were compared instead."""
+    if not case.screened or case.passed or first_case is None:
+        return case.summary()
+    return case.summary(note=f"outputs compared; the layers were compared on "
+                             f"{first_case.label}, where the first divergence is")
 
 
 def _worst_layers(results: list[_Case]) -> list[LayerResult]:

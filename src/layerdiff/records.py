@@ -444,6 +444,7 @@ class CaseResult:
     first_divergence: str = ""  # module or node, with the kind
     max_output_error: float | None = None
     note: str = ""
+    layer_by_layer: bool = True  # False: its outputs alone were compared (screened)
 
     def __post_init__(self) -> None:
         _members(self, verdict=CaseVerdict, kind=CaseKind)

@@ -365,7 +365,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
             {"label": c.label, "kind": c.kind.value, "shape": list(c.shape),
              "verdict": c.verdict.value,
              "first_divergence": c.first_divergence,
-             "max_output_error": _finite_or_none(c.max_output_error), "note": c.note}
+             "max_output_error": _finite_or_none(c.max_output_error), "note": c.note,
+             "layer_by_layer": c.layer_by_layer}
             for c in d.cases
         ],
         "masked": bool(d.masked),

@@ -22,7 +22,7 @@ import copy
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,17 +33,17 @@ from .align import align, misfit, unpair
 from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
+from .progress import Progress, stepper
 from .records import (
     Alignment, CaseResult, DivergenceKind, FirstDivergence, InputSpec, LayerResult, LoadedModel,
     Metrics, OutputResult, Referee, RefereeSide, Settings, TorchCall, Unmatched,
 )
 from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
 
-Progress = Callable[[str], None]
-
-
 @dataclass
 class CaseRun:
+    """One input through both models: layer by layer, or (``screened``) its outputs only."""
+
     label: str
     kind: str
     tensor: torch.Tensor
@@ -66,16 +66,22 @@ class CaseRun:
     noise: dict[int, float] = field(default_factory=dict)  # call -> fp32 noise floor
     output_noise: list[float] = field(default_factory=list)
     random_ops: tuple[tuple[str, str], ...] = ()  # capture_torch.TorchCapture.random_ops
+    screened: bool = False  # only the outputs were compared (CaseRunner.screen)
 
     @property
     def first_onnx(self) -> np.ndarray | None:
         return self.kept.get("first")
 
-    def summary(self) -> CaseResult:
+    @property
+    def passed(self) -> bool:
+        return self.failure is None and self.first is None and all(o.passed for o in self.outputs)
+
+    def summary(self, note: str = "") -> CaseResult:
         verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
         worst = max((o.metrics.max_abs for o in self.outputs), default=None)
         where = f"{self.first.module or self.first.onnx_node} ({self.first.kind})" if self.first else ""
-        return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst)
+        return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst,
+                          note=note, layer_by_layer=not self.screened)
 
 
 @dataclass
@@ -109,34 +115,30 @@ class CaseRunner:
         self._model64: Any = None
         # Checks left out because they would not fit --max-memory: check -> why.
         self.skipped: dict[str, str] = {}
+        self._plain_runner: capture_onnx.PlainRunner | None = None
+        self._calls = 0  # module calls of the last PyTorch run: a progress total
+
+    def _stage(self, number: int, case: cases_.Case, what: str) -> None:
+        self.say(f"input {number + 1} ({case.label}): {what}")
 
     def run(self, case: cases_.Case, number: int) -> CaseRun:
         s, graph = self.settings, self.graph
         specs = s.input_specs
         feeds = feeds_for(graph, specs, case.values)
         store = TensorStore(self.spill, ("torch", number))
+        self._stage(number, case, "PyTorch")
         captured = capture_torch.capture(self.loaded.module, cases_.as_call(specs, case.values),
-                                         store=store)
+                                         store=store, tick=stepper(self.say, "calls", self._calls))
+        self._calls = len(captured.calls)
         notes: list[str] = []
-        used = self.loaded.outputs
-        if used and len(graph.outputs) == used < len(captured.outputs):
-            if number == 0:
-                notes.append(
-                    f"The model returns {len(captured.outputs)} tensors "
-                    f"({', '.join(captured.output_names)}); its users take the first "
-                    f"{used}, as the ONNX file does: those were compared.")
-            captured.outputs = captured.outputs[:used]
-            captured.output_names = captured.output_names[:used]
-        order = preflight.pair_outputs(captured.output_names, graph.outputs,
-                                       self.loaded.architecture)
-        captured.outputs = [captured.outputs[k] for k in order]
-        captured.output_names = [captured.output_names[k] for k in order]
+        self._pair_outputs(captured, notes if number == 0 else [])
         alignment = align(captured.calls, captured.parameters, graph,
                           [spec.onnx_name for spec in specs])
         captured.parameters.clear()
         plan = segments.plan(graph, [p.onnx_tensor for p in alignment.pairs],
                              _sizes(alignment, captured.calls, graph), self.budget.segment)
         runner = self._runner(plan, s.ort_level)
+        self._stage(number, case, "onnxruntime")
         # Full-size outputs (GBs for an SR model at 4096 px) go into the store, within
         # its budget like the activations, instead of being held by every case.
         held = TensorStore(self.spill, ("outputs", number))
@@ -154,12 +156,14 @@ class CaseRunner:
         second = _SecondPass()
         if failing or any(not o.passed for o in outputs):
             wanted = {kept[k].call for k in failing}
+            self._stage(number, case, "PyTorch in float64 (the referee)")
             noise, residuals, output_noise = self._referee(case, captured, wanted, notes, number)
             if output_noise:
                 outputs = judge.output_results(captured.outputs, final_outputs, graph.outputs,
                                                rtol=s.rtol, atol=s.atol, noise=output_noise,
                                                models=captured.output_names)
             if failing and first.resume is not None:
+                self._stage(number, case, "the failing layers again, and alone")
                 second = self._second_pass(runner, feeds, kept, failing, captured, noise,
                                            residuals, first.resume,
                                            TensorStore(self.spill, ("kept", number)))
@@ -190,6 +194,55 @@ class CaseRunner:
             result.kept.keep("first", first_onnx)
         return result
 
+    def screen(self, case: cases_.Case) -> CaseRun | None:
+        """``case`` by its outputs alone: one plain forward on each side, no hooks and no
+        exposed tensors (its own forwards' cost). None when that cannot be had: the
+        whole-graph run would not fit --max-memory, or onnxruntime fails on it (the walk
+        then says where)."""
+        s, graph = self.settings, self.graph
+        if self._room(1, tuple(case.tensor.shape[-2:]))[0] is False:
+            return None
+        feeds = feeds_for(graph, s.input_specs, case.values)
+        captured = capture_torch.capture(self.loaded.module,
+                                         cases_.as_call(s.input_specs, case.values),
+                                         hooks=False, parameters=False)
+        self._pair_outputs(captured, [])
+        try:
+            plain = self._plain().run(feeds)
+        except Exception:  # noqa: BLE001 - a load or run failure: the walk reports it
+            return None
+        outputs = judge.output_results(captured.outputs, plain, graph.outputs,
+                                       rtol=s.rtol, atol=s.atol, models=captured.output_names)
+        empty = Alignment((), (), (), (), False)
+        return CaseRun(case.label, case.kind, case.tensor, feeds, [], {}, empty, [], outputs,
+                       None, None, plain, captured.outputs, captured.input_mutated,
+                       captured.training_modules, [], random_ops=captured.random_ops,
+                       screened=True)
+
+    def _pair_outputs(self, captured: capture_torch.TorchCapture, notes: list[str]) -> None:
+        """PyTorch's outputs as the ONNX file's: the leading ones its users take (the
+        loader says how many), in the file's order."""
+        used = self.loaded.outputs
+        if used and len(self.graph.outputs) == used < len(captured.outputs):
+            notes.append(
+                f"The model returns {len(captured.outputs)} tensors "
+                f"({', '.join(captured.output_names)}); its users take the first "
+                f"{used}, as the ONNX file does: those were compared.")
+            captured.outputs = captured.outputs[:used]
+            captured.output_names = captured.output_names[:used]
+        order = preflight.pair_outputs(captured.output_names, self.graph.outputs,
+                                       self.loaded.architecture)
+        captured.outputs = [captured.outputs[k] for k in order]
+        captured.output_names = [captured.output_names[k] for k in order]
+
+    def _plain(self) -> capture_onnx.PlainRunner:
+        """The unmodified model's session, shared by every plain run."""
+        if self._plain_runner is None:
+            s = self.settings
+            self._plain_runner = capture_onnx.PlainRunner(self.graph, level=s.ort_level,
+                                                          provider=s.provider, config=s.ort_config)
+        return self._plain_runner
+
     # ----------------------------------------------------------------------- passes
 
     def _runner(self, plan: list[segments.Segment], level: str) -> segments.Runner:
@@ -203,7 +256,8 @@ class CaseRunner:
         s = self.settings
         by_tensor = _positions(alignment)
         result = _FirstPass({}, {}, {}, None, None)
-        for index, known, run in segments.walk(runner, feeds):
+        tick = stepper(self.say, "segments", len(runner.segments))
+        for index, known, run in segments.walk(runner, feeds, tick=tick):
             for tensor, value in run.values.items():
                 for k in by_tensor.get(tensor, ()):
                     pair = alignment.pairs[k]
@@ -236,7 +290,9 @@ class CaseRunner:
         last = max(i for i, seg in enumerate(runner.segments)
                    if any(k in failing for m in seg.marks for k in by_tensor.get(m, ())))
         start, carried = resume
-        for index, known, run in segments.walk(runner, feeds, start=start, carried=carried):
+        tick = stepper(self.say, "segments", len(runner.segments))
+        for index, known, run in segments.walk(runner, feeds, start=start, carried=carried,
+                                               tick=tick):
             inputs = {name: known[name] for name in runner.segments[index].inputs}
             here = [k for t in run.values for k in by_tensor.get(t, ()) if k in failing]
             for k in here:
@@ -315,8 +371,9 @@ class CaseRunner:
                 self._model64 = copy.deepcopy(self.loaded.module).double()
             args, kwargs = cases_.as_call(self.settings.input_specs, {
                 name: v.double() if v.is_floating_point() else v for name, v in case.values.items()})
-            captured64 = capture_torch.capture(self._model64, (args, kwargs), visit=visit,
-                                               parameters=False)
+            captured64 = capture_torch.capture(
+                self._model64, (args, kwargs), visit=visit, parameters=False,
+                tick=stepper(self.say, "calls", len(captured.calls)))
         except (LayerdiffError, RuntimeError, TypeError) as exc:
             notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
             return {}, None, []
@@ -337,7 +394,8 @@ class CaseRunner:
         outputs: dict[str, np.ndarray] = {}
         try:
             runner = self._runner(case.plan, "disable")
-            for _, _, run in segments.walk(runner, case.feeds):
+            tick = stepper(self.say, "segments", len(runner.segments))
+            for _, _, run in segments.walk(runner, case.feeds, tick=tick):
                 if run.failure is not None:
                     return False
                 for tensor, value in run.values.items():
@@ -375,23 +433,27 @@ class CaseRunner:
                           "tensors changes the output was not checked", 1,
                           tuple(case.tensor.shape[-2:])):
             return None
-        s = self.settings
-        plain = capture_onnx.run_plain(self.graph, case.feeds, level=s.ort_level,
-                                       provider=s.provider, config=s.ort_config)
+        plain = self._plain().run(case.feeds)
         return max((_largest_diff(a, b) if a.size else 0.0
                     for a, b in zip(plain, case.final_outputs)), default=0.0)
 
-    def _wont_fit(self, check: str, consequence: str, times: int, size: tuple[int, int]) -> bool:
-        """Whether ``check``, a forward needing ``times`` the float32 forward's memory at
-        ``size`` (PyTorch's when more than once), must be skipped; never when the need is
-        unknown. If so, ``skipped`` says why and what is lost."""
+    def _room(self, times: int, size: tuple[int, ...]) -> tuple[bool, int, int]:
+        """Whether a forward needing ``times`` the float32 forward's memory at ``size``
+        (PyTorch's when more than once) fits --max-memory now (True when the need is
+        unknown), with that need and the room left."""
         footprint = self.budget.footprint
         if footprint is None:
-            return False
+            return True, 0, 0
         high = forward_memory.RSS_FACTOR_HIGH  # skipping an optional check costs little
         one = footprint.torch_forward(*size, high) if times > 1 else footprint.forward(*size, high)
         need, room = times * one, self.budget.limit - current_rss()
-        if need <= room:
+        return need <= room, need, room
+
+    def _wont_fit(self, check: str, consequence: str, times: int, size: tuple[int, int]) -> bool:
+        """Whether ``check`` (see _room) must be skipped; if so, ``skipped`` says why and
+        what is lost."""
+        fits, need, room = self._room(times, size)
+        if fits:
             return False
         self.skipped[check] = (
             f"Skipped {check} to stay within --max-memory {human_bytes(self.budget.limit)}: "

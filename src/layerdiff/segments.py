@@ -23,7 +23,7 @@ measures and reports what memory was really used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -348,8 +348,10 @@ class Runner:
 
 def walk(runner: Runner, feeds: Mapping[str, np.ndarray], *, start: int = 0,
          carried: Mapping[str, np.ndarray] | None = None,
+         tick: Callable[[int], None] | None = None,
          ) -> Iterator[tuple[int, dict[str, np.ndarray], SegmentRun]]:
-    """Run the segments in order from ``start``, carrying values between them.
+    """Run the segments in order from ``start``, carrying values between them
+    (``tick(segments done)`` after each).
 
     Yields (segment index, the values available to it and every later segment, its
     run) and stops after a failure. The values dict is never changed afterwards, so a
@@ -362,6 +364,8 @@ def walk(runner: Runner, feeds: Mapping[str, np.ndarray], *, start: int = 0,
     for index in range(start, len(runner.segments)):
         segment = runner.segments[index]
         result = runner.run(index, {name: known[name] for name in segment.inputs})
+        if tick is not None:
+            tick(index + 1)
         yield index, known, result
         result.values.clear()
         if result.failure is not None:
