@@ -1,6 +1,8 @@
 """Wall time and peak memory of layerdiff against the floor and the alternatives.
 
-Reproduce (CPU; sizes default to 128 256 for esrgan, 64 128 for swinir):
+Reproduce (CPU; sizes default to 128 256 for esrgan, 64 128 for swinir and compact):
+
+    python benchmarks/bench.py --suite   # issue 13's cases (SUITE), one table
 
     python benchmarks/bench.py --arch esrgan
     python benchmarks/bench.py --arch swinir
@@ -15,7 +17,7 @@ Before any timing, the model's state dict is saved once with ``torch.save`` as a
 the model is exported to ONNX once per size (dynamo exporter, legacy if it fails), both into
 a temporary folder. Neither is part of any method's time.
 
-Methods, each run in its own process so that its peak memory (max RSS) is its own:
+Methods, each run in its own process so that its peak memory (VmHWM) is its own:
 - floor: one PyTorch forward plus one onnxruntime forward (session creation included) of
   the same model and input;
 - layerdiff: the real command line, in-process: ``layerdiff.cli.main(["report", MODEL.pth,
@@ -28,6 +30,10 @@ Methods, each run in its own process so that its peak memory (max RSS) is its ow
   Polygraphy's mark-all does), plus the PyTorch forward with hooks it would compare to;
   not run (and the table says why) when the node outputs alone, from shape inference, are
   over 85% of the memory available: it would only end in the OOM killer;
+- polygraphy: real Polygraphy (``pip install polygraphy``, for this benchmark only), in
+  process: ``ModifyOutputs(..., outputs=MARK_ALL)`` and one ``OnnxrtRunner`` inference, what
+  ``polygraphy run --onnxrt --onnx-outputs mark all`` does, plus the same PyTorch forward
+  with hooks;
 - verify: ``torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)``,
   export included; stopped after ``--verify-timeout`` seconds.
 
@@ -54,8 +60,25 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("floor", "layerdiff", "mark-all", "verify")
-DEFAULT_SIZES = {"esrgan": [128, 256], "swinir": [64, 128]}
+METHODS = ("floor", "layerdiff", "mark-all", "polygraphy", "verify")
+DEFAULT_SIZES = {"esrgan": [128, 256], "swinir": [64, 128], "compact": [64, 128]}
+ARCHS = tuple(DEFAULT_SIZES)
+
+# The runs issue 13 sets targets for (--suite): (title, arch, size, fault, dynamic, methods,
+# extra layerdiff arguments). "fault": one convolution in the middle of the ONNX file has
+# its weights scaled by 1.05. "dynamic": the file's height and width are free, so layerdiff
+# also runs its default other size; the same file with --check-sizes none shows its cost.
+SUITE = (
+    ("clean", "esrgan", 256, False, False, ("floor", "layerdiff"), ""),
+    ("clean", "swinir", 128, False, False, ("floor", "layerdiff"), ""),
+    ("diverging", "esrgan", 128, True, False, ("floor", "layerdiff"), ""),
+    ("diverging", "esrgan", 256, True, False, ("floor", "layerdiff"), ""),
+    ("small", "swinir", 64, False, False, ("floor", "layerdiff"), ""),
+    ("small", "compact", 64, False, False, ("floor", "layerdiff", "mark-all", "polygraphy",
+                                            "verify"), ""),
+    ("extra size", "esrgan", 128, False, True, ("floor", "layerdiff"), ""),
+    ("extra size", "esrgan", 128, False, True, ("layerdiff",), "--check-sizes none"),
+)
 
 
 def build(arch: str, blocks: int):
@@ -66,6 +89,11 @@ def build(arch: str, blocks: int):
         from spandrel.architectures.ESRGAN import ESRGAN
 
         return ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=blocks, scale=4).eval()
+    if arch == "compact":
+        from spandrel.architectures.Compact import Compact
+
+        # realesr-general-x4v3's configuration.
+        return Compact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=32, upscale=4).eval()
     if arch == "swinir":
         from spandrel.architectures.SwinIR import SwinIR
 
@@ -134,6 +162,20 @@ def run_method(job: dict) -> dict:
         values = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         nbytes = sum(np.asarray(v).nbytes for v in values)
         notes = f"{len(values)} tensors, {nbytes / 2**20:.0f} MiB"
+    elif method == "polygraphy":
+        from polygraphy import constants
+        from polygraphy.backend.onnx import BytesFromOnnx, ModifyOutputs, OnnxFromPath
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        from layerdiff import capture_torch
+
+        capture_torch.capture(model, x)  # the PyTorch side it would be compared with
+        marked = BytesFromOnnx(ModifyOutputs(OnnxFromPath(onnx_path), outputs=constants.MARK_ALL))
+        with OnnxrtRunner(SessionFromOnnx(marked, providers=["cpu"])) as runner:
+            name = runner.get_input_metadata().keys()
+            values = runner.infer({next(iter(name)): x.numpy()})
+        nbytes = sum(np.asarray(v).nbytes for v in values.values())
+        notes = f"{len(values)} tensors, {nbytes / 2**20:.0f} MiB"
     elif method == "verify":
         from torch.onnx.verification import verify_onnx_program
 
@@ -141,20 +183,44 @@ def run_method(job: dict) -> dict:
         results = verify_onnx_program(program, compare_intermediates=True)
         notes = f"{len(results)} values compared"
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_bytes": peak, "notes": notes}
+    return {"seconds": seconds, "peak_bytes": own_peak(), "notes": notes}
 
 
-def export_once(model, arch: str, size: int, folder: Path) -> str:
+def own_peak() -> int:
+    """This process's peak resident memory: VmHWM, which belongs to its own address space
+    (ru_maxrss would carry over the benchmark parent's, see peak.py)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def export_once(model, arch: str, size: int, folder: Path, *, fault: bool = False,
+                dynamic: bool = False) -> str:
+    """The model exported at ``size`` (dynamo, legacy if it fails); height and width free
+    with ``dynamic``; with ``fault``, one convolution in the middle scaled by 1.05."""
+    import onnx
     import torch
 
     x = torch.rand(1, 3, size, size)
-    path = folder / f"{arch}-{size}.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):
+    path = folder / f"{arch}-{size}{'-dynamic' if dynamic else ''}{'-fault' if fault else ''}.onnx"
+    free = {"x": {2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}} if dynamic else None
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False)
+            torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=free)
         except Exception:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+            axes = {"input": {2: "height", 3: "width"}} if dynamic else None
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], dynamic_axes=axes)
+    if fault:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples"))
+        import faults
+
+        proto = onnx.load(str(path))
+        convs = sum(1 for n in proto.graph.node if n.op_type == "Conv")
+        broken, _ = faults.scale_weight(proto, "Conv", convs // 2, 1.05, channel=None)
+        onnx.save(broken, str(path))
     return str(path)
 
 
@@ -245,7 +311,10 @@ def table(rows: list[tuple[int, str, dict]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("esrgan", "swinir"), default="esrgan")
+    parser.add_argument("--arch", choices=ARCHS, default="esrgan")
+    parser.add_argument("--suite", action="store_true",
+                        help="run issue 13's cases (SUITE): clean, diverging, small models and "
+                             "the extra size check, each against its floor, in one run")
     parser.add_argument("--blocks", type=int, default=23, help="ESRGAN blocks (standard: 23)")
     parser.add_argument("--sizes", type=int, nargs="+",
                         help="input sizes (default: esrgan 128 256, swinir 64 128)")
@@ -268,6 +337,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
+    if args.suite:
+        suite(args)
+        return
     sizes = args.sizes or DEFAULT_SIZES[args.arch]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -285,12 +357,54 @@ def main() -> None:
                 rows.append((size, method, result))
                 print(size, method, result, file=sys.stderr, flush=True)
 
-    title = f"{args.arch} ({args.blocks} blocks)" if args.arch == "esrgan" else "swinir (SwinIR-light x2)"
+    title = {"esrgan": f"esrgan ({args.blocks} blocks)", "swinir": "swinir (SwinIR-light x2)",
+             "compact": "compact (realesr-general-x4v3's configuration)"}[args.arch]
     if args.repeat > 1:
         title += f", best of {args.repeat} runs"
     if args.layerdiff_args:
         title += f", layerdiff {args.layerdiff_args}"
     print("\n" + "\n".join([*machine_facts(), "", title, "", *table(rows)]))
+
+
+def suite(args: argparse.Namespace) -> None:
+    """SUITE in one run: per case the floor, layerdiff, the ratio and peak memory."""
+    import torch
+
+    lines = ["| case | model | input | method | wall s | x floor | peak memory | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    floors: dict[tuple, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        built: dict[str, str] = {}
+        for title, arch, size, fault, dynamic, methods, extra in SUITE:
+            model = build(arch, args.blocks)
+            if arch not in built:
+                built[arch] = str(Path(folder) / f"{arch}.pth")
+                torch.save(model.state_dict(), built[arch])
+            onnx_path = export_once(model, arch, size, Path(folder), fault=fault, dynamic=dynamic)
+            job = {"arch": arch, "blocks": args.blocks, "size": size, "pth": built[arch],
+                   "onnx": onnx_path, "layerdiff_args": shlex.split(extra)}
+            for method in methods:
+                timeout = args.verify_timeout if method == "verify" else args.timeout
+                too_big = mark_all_too_big(onnx_path) if method in ("mark-all", "polygraphy") else None
+                r = too_big or measure({**job, "method": method}, timeout, args.repeat)
+                print(title, arch, size, method, extra, r, file=sys.stderr, flush=True)
+                key = (arch, size, fault, dynamic)
+                if method == "floor" and "seconds" in r:
+                    floors[key] = r["seconds"]
+                if "seconds" in r:
+                    ratio = f"{r['seconds'] / floors[key]:.1f}" if key in floors else "-"
+                    cells = [f"{r['seconds']:.1f}", ratio, f"{r['peak_bytes'] / 2**30:.2f} GiB",
+                             r["notes"]]
+                elif "stopped" in r:
+                    cells = [f"> {r['stopped']} (stopped)", "-", "-", ""]
+                else:
+                    cells = ["-", "-", "-", r["error"]]
+                name = f"{arch} ({args.blocks} blocks)" if arch == "esrgan" else arch
+                how = " (dynamic H,W)" if dynamic else ""
+                label = method + (f" `{extra}`" if extra else "")
+                lines.append(f"| {title} | {name}{how} | {size}x{size} | {label} | "
+                             + " | ".join(cells) + " |")
+    print("\n" + "\n".join([*machine_facts(), "", *lines]))
 
 
 if __name__ == "__main__":
