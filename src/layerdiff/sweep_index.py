@@ -41,6 +41,7 @@ def _cells(row: dict[str, Any]) -> dict[str, Any]:
     error = row.get("error") or {}
     return {
         "row": row,
+        "severity": VERDICTS.index(row["verdict"]) if row["verdict"] in VERDICTS else len(VERDICTS),
         "problem": error.get("message") or row.get("first_divergence") or "",
         "error_kind": error.get("kind") or "",
         "hint": error.get("hint") or "",
