@@ -16,6 +16,7 @@ file system, at the same path). Dask is imported only here, when ``--cluster`` i
 
 from __future__ import annotations
 
+import collections
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -84,22 +85,47 @@ class Cluster:
 
     def results(self, jobs: list[Job], running: Callable[[int], None]
                 ) -> Iterator[tuple[Job, Outcome]]:
-        """Submit every job; yield each with its outcome as it finishes."""
+        """Submit the jobs, no more at a time than the workers' memory holds; yield each
+        with its outcome as it finishes.
+
+        The scheduler counts a lost worker against every task assigned to it, also those
+        only waiting there for memory; so tasks are handed over as room frees up, not all
+        at once, and a worker's death counts against the tasks it was running.
+        """
         from distributed import as_completed
 
         run_id = uuid.uuid4().hex[:8]
-        futures = {self.client.submit(run_job, job, key=f"layerdiff-sweep-{run_id}-{job.name}",
-                                      resources={RESOURCE: job.max_memory}, pure=False): job
-                   for job in jobs}
-        running(len(futures))
+        waiting = collections.deque(jobs)
+        in_flight: dict = {}
+        finished = as_completed()
+
+        def hand_over() -> None:
+            room = self.slots(max(job.max_memory for job in jobs))
+            while waiting and len(in_flight) < room:
+                job = waiting.popleft()
+                future = self.client.submit(run_job, job, pure=False,
+                                            key=f"layerdiff-sweep-{run_id}-{job.name}",
+                                            resources={RESOURCE: job.max_memory})
+                in_flight[future] = job
+                finished.add(future)
+
+        hand_over()
+        running(len(in_flight))
         try:
-            for future in as_completed(futures):
-                job = futures.pop(future)
-                running(len(futures))
-                yield job, _outcome(future)
+            for future in finished:
+                job = in_flight.pop(future)
+                outcome = _outcome(future)
+                hand_over()
+                running(len(in_flight))
+                yield job, outcome
         finally:
-            for future in futures:  # interrupted: the rest is not wanted any more
+            for future in in_flight:  # interrupted: the rest is not wanted any more
                 future.cancel()
+
+    def slots(self, need: int) -> int:
+        """How many entries the workers' declared memory holds at once (at least 1)."""
+        workers = self.client.scheduler_info(n_workers=-1).get("workers", {}).values()
+        return max(1, sum(int(w.get("resources", {}).get(RESOURCE, 0) // need) for w in workers))
 
 
 def _outcome(future) -> Outcome:
