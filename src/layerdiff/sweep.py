@@ -262,6 +262,8 @@ def classify(job: Job, outcome: Outcome, report: dict[str, Any] | None
     if code == 1:
         return Verdict.DIVERGED, None
     said, hint = _stderr_error(outcome.stderr)
+    if outcome.workdir:  # its files now lie in OUTDIR/<entry>/
+        said, hint = (text.replace(outcome.workdir, job.name) for text in (said, hint))
     if code is not None and code < 0:
         name = _signal_name(-code)
         if -code == signal.SIGKILL:

@@ -115,6 +115,7 @@ class Outcome:
     files: dict[str, bytes] = dataclasses.field(default_factory=dict)
     host: str = ""
     lost: str | None = None
+    workdir: str = ""  # the child's private folder (gone): paths in its messages name it
 
 
 def run_job(job: Job) -> Outcome:
@@ -141,6 +142,6 @@ def run_job(job: Job) -> Outcome:
         return Outcome(exit_code=ended["code"], timed_out=ended["timed_out"], seconds=seconds,
                        peak_memory=ended["maxrss_kib"] * 1024,
                        stderr=log.decode("utf-8", "replace"), files=files,
-                       host=socket.gethostname())
+                       host=socket.gethostname(), workdir=str(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
