@@ -41,12 +41,14 @@ SMALL = {"num_feat": 16, "num_filters": 16, "nf": 16, "feature_channels": 16, "d
          "num_out_ch": 3, "in_nc": 3, "out_nc": 3}
 
 
-def build_models(folder: Path, max_params: int) -> tuple[list[str], dict[str, str]]:
+def build_models(folder: Path, max_params: int, only: list[str] | None = None
+                 ) -> tuple[list[str], dict[str, str]]:
     from spandrel import ModelLoader
 
     root = Path(importlib.import_module("spandrel.architectures").__file__).parent
     kept, left_out = [], {}
-    for name in sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    for name in [n for n in names if only is None or n in only]:
         try:
             module = _build(name)
             params = sum(p.numel() for p in module.parameters())
@@ -108,10 +110,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="sweep-bench-")))
     parser.add_argument("--max-params", type=int, default=2_000_000)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", nargs="+", metavar="ARCH",
+                        help="these architectures only (spandrel's names: Compact ESRGAN ...)")
     args = parser.parse_args()
     models = args.out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    kept, left_out = build_models(models, args.max_params)
+    kept, left_out = build_models(models, args.max_params, args.only)
     print(f"{len(kept)} architectures: {', '.join(kept)}")
     for name, why in left_out.items():
         print(f"  left out {name}: {why}")
