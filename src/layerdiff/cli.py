@@ -43,8 +43,8 @@ class _Parser(argparse.ArgumentParser):
         return super()._get_values(action, arg_strings)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def build_parser(parser_class: type[argparse.ArgumentParser] = _Parser) -> argparse.ArgumentParser:
+    parser = parser_class(
         prog="layerdiff",
         description="Find the first layer where an ONNX export disagrees with its PyTorch model.",
     )
@@ -102,6 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the file even when it does not verify, marked as failed")
     convert.add_argument("--report", metavar="PATH",
                          help="HTML report path (default: <OUT stem>.html next to OUT)")
+    sweep = sub.add_parser(
+        "sweep", allow_abbrev=False,
+        help="report (or convert) every model of a folder or manifest, with an index",
+        description="Run 'report' (or 'convert') on every model of SOURCE, a folder of model "
+                    "files (with <stem>.onnx beside them when there is one) or a manifest "
+                    "(.json, .csv, .yaml), each in its own process, and write OUTDIR/<entry>/ "
+                    "and OUTDIR/index.html. Other options, after SOURCE, go to every entry's "
+                    "report or convert (see 'layerdiff report --help').",
+    )
+    sweep.add_argument("source", metavar="SOURCE", help="folder of model files, or a manifest")
+    sweep.add_argument("-o", "--output", metavar="OUTDIR", required=True,
+                       help="folder of the results: OUTDIR/<entry>/ and OUTDIR/index.html")
+    sweep.add_argument("--convert", action="store_true",
+                       help="run 'convert' on each model instead of 'report'")
+    sweep.add_argument("--workers", type=int, metavar="N",
+                       help="entries run at once on this machine (default: by cores and "
+                            "available memory over --max-memory)")
+    sweep.add_argument("--cluster", metavar="ADDRESS",
+                       help="run the entries on the Dask cluster whose scheduler is at ADDRESS "
+                            "(tcp://host:8786); needs layerdiff[cluster]")
+    sweep.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                       help="stop an entry after this long and record it as an error "
+                            "(default 3600; 0 for none)")
+    sweep.add_argument("--retry-failed", action="store_true",
+                       help="run again the entries that errored in an earlier sweep")
+    sweep.add_argument("--max-memory", metavar="SIZE", type=_bytes,
+                       help="memory each entry may use, passed to its report and used to place "
+                            "it (default: report's default here; 4G with --cluster)")
+    sweep.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    sweep.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+
     explain = sub.add_parser(
         "align", help="print how PyTorch modules pair with ONNX tensors",
         description="Print the pairing table: which ONNX tensor each module call was paired "
@@ -260,10 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # sweep passes the options it does not know to every entry's report or convert
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "sweep":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.passthrough = extra
         if not args.verbose:
             warnings.filterwarnings("ignore")
-        handler = {"align": _align, "report": _report, "convert": _convert}[args.command]
+        handler = {"align": _align, "report": _report, "convert": _convert,
+                   "sweep": _sweep}[args.command]
         return handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -478,6 +515,73 @@ def _convert(args: argparse.Namespace) -> int:
         if args.json:
             print(f"json:   {args.json}")
     return conversion.exit_code
+
+
+
+class _CheckingParser(_Parser):
+    """Parses a sweep's options for report or convert: an error is a UsageError to raise."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+# What the sweep sets for each entry itself: given to it, they would be one path for all.
+_SWEEP_OWNS = {"output": "-o", "json": "--json", "onnx": "--onnx", "report": "--report",
+               "fix_fp16": "--fix-fp16", "open": "--open"}
+_SENTINEL = "\0sweep"
+
+
+def _check_passthrough(command: str, flags: list[str] | tuple[str, ...], where: str) -> None:
+    """Refuse, before anything runs, options that report (or convert) would refuse, and those
+    the sweep sets per entry."""
+    try:
+        parsed = build_parser(_CheckingParser).parse_args(
+            [command, "MODEL", *(["-o", _SENTINEL] if command == "convert" else []), *flags])
+    except UsageError as error:
+        raise UsageError(f"{where}: {error.message}",
+                         hint=f"options after SOURCE go to every entry's '{command}'; see "
+                              f"'layerdiff {command} --help'") from None
+    for dest, flag in _SWEEP_OWNS.items():
+        value = getattr(parsed, dest, None)
+        if value not in (None, False, _SENTINEL):
+            raise UsageError(f"{where}: {flag} is set by the sweep for each entry",
+                             hint="leave it out: each entry's results go to OUTDIR/<entry>/")
+    _check_numbers(parsed)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+    from .store import DEFAULT_MAX_MEMORY, default_max_memory
+    from .sweep_source import read_source
+
+    mode = "convert" if args.convert else "report"
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be 1 or more", hint="e.g. --workers 2")
+    if args.workers is not None and args.cluster:
+        raise UsageError("--workers is for this machine, and --cluster runs on the cluster",
+                         hint="the cluster's workers set how many run at once; drop --workers")
+    if not (args.timeout >= 0):
+        raise UsageError(f"--timeout {args.timeout} is not a number of seconds",
+                         hint="e.g. --timeout 600, or 0 for no limit")
+    _check_passthrough(mode, args.passthrough, "options")
+    entries = read_source(args.source, convert=args.convert)
+    for entry in entries:
+        if entry.flags:
+            _check_passthrough(mode, [*args.passthrough, *entry.flags], f"entry {entry.name}")
+    outdir = Path(args.output)
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"OUTDIR {outdir} is a file", hint="give a folder for -o")
+    if outdir.resolve() == Path(args.source).resolve() or (
+            Path(args.source).is_file() and outdir.resolve() == Path(args.source).resolve().parent):
+        raise UsageError(f"OUTDIR {outdir} is the SOURCE's folder",
+                         hint="give another folder for -o: the sweep never writes among its inputs")
+    default = DEFAULT_MAX_MEMORY if args.cluster else default_max_memory()
+    settings = sweep.Settings(
+        source=args.source, outdir=outdir, mode=mode, flags=tuple(args.passthrough),
+        max_memory=args.max_memory or default, timeout=args.timeout or None,
+        workers=args.workers, cluster=args.cluster, retry_failed=args.retry_failed,
+        quiet=args.quiet)
+    return sweep.run(settings, entries)
 
 
 if __name__ == "__main__":
