@@ -65,3 +65,15 @@ def test_fused_conv_is_paired_with_the_activation_it_applies(exported, tmp_path)
     assert len(swallowed) >= len(fused)
     folded = [u for u in d.alignment.unmatched_torch if "folded into it" in u.reason]
     assert folded  # ESRGAN's `* 0.2` after conv5 is folded into the conv by onnxruntime
+
+
+def test_an_empty_weight_is_no_evidence_of_a_close_pairing():
+    # CRAFT at a small width has Linear layers with no output feature (weight (0, 2)):
+    # their similarity used to fail on the reshape and stop the diagnosis (exit 3).
+    import numpy as np
+
+    from layerdiff.align import _channel_similarity
+
+    assert _channel_similarity(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)) == 0.0
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    assert _channel_similarity(weight, weight * 2) == pytest.approx(1.0)

@@ -670,7 +670,10 @@ def _match_by_close_weights(state: _State, parameters: dict[int, dict[str, np.nd
 
 def _channel_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Mean |cosine| between matching output channels: 1.0 when ``b`` is ``a`` with each
-    output channel scaled (folded BatchNorm, fp16 rounding, one channel changed)."""
+    output channel scaled (folded BatchNorm, fp16 rounding, one channel changed); 0.0 for
+    an empty weight (CRAFT has convolutions with no output channel), which says nothing."""
+    if a.size == 0 or b.size == 0:
+        return 0.0
     a = a.reshape(a.shape[0], -1).astype(np.float64)
     b = b.reshape(b.shape[0], -1).astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
