@@ -21,9 +21,9 @@ band-sized temporaries, not copies of the output.
 from __future__ import annotations
 
 import math
-from enum import Enum
-
 import numpy as np
+
+from .records import Visibility
 
 DATA_RANGE = 1.0
 WINDOW = 11  # SSIM's Gaussian window, pixels per side
@@ -31,23 +31,6 @@ SIGMA = 1.5
 K1, K2 = 0.01, 0.03
 C1, C2 = (K1 * DATA_RANGE) ** 2, (K2 * DATA_RANGE) ** 2
 BAND_ELEMENTS = 1 << 18  # input elements per band of rows (per channel)
-
-
-class Visibility(str, Enum):
-    """What a PSNR of ONNX against PyTorch means to someone looking at the picture
-    (README "Pictures" gives the reasoning behind the thresholds)."""
-
-    IDENTICAL = "visually_identical"  # >= 50 dB: under one 8-bit level RMS
-    INVISIBLE = "invisible_differences"  # 40 .. 50 dB
-    CLOSE_INSPECTION = "visible_on_close_inspection"  # 30 .. 40 dB
-    VISIBLE = "visibly_different"  # < 30 dB
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def words(self) -> str:
-        return self.value.replace("_", " ")
 
 
 THRESHOLDS = ((50.0, Visibility.IDENTICAL), (40.0, Visibility.INVISIBLE),

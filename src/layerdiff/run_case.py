@@ -34,7 +34,8 @@ from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
 from .records import (
-    Alignment, CaseResult, DivergenceKind, FirstDivergence, InputSpec, LayerResult, LoadedModel,
+    Alignment, CaseResult, DivergenceKind, FirstDivergence, ImageQuality, InputSpec, LayerResult,
+    LoadedModel,
     Metrics, OutputResult, Referee, RefereeSide, Settings, TorchCall, Unmatched,
 )
 from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
@@ -66,6 +67,7 @@ class CaseRun:
     noise: dict[int, float] = field(default_factory=dict)  # call -> fp32 noise floor
     output_noise: list[float] = field(default_factory=list)
     random_ops: tuple[tuple[str, str], ...] = ()  # capture_torch.TorchCapture.random_ops
+    images: tuple[ImageQuality, ...] = ()  # its image outputs as pictures (pictures.measure)
 
     @property
     def first_onnx(self) -> np.ndarray | None:
@@ -75,7 +77,8 @@ class CaseRun:
         verdict, _ = judge.verdict(self.layers, self.outputs, self.first)
         worst = max((o.metrics.max_abs for o in self.outputs), default=None)
         where = f"{self.first.module or self.first.onnx_node} ({self.first.kind})" if self.first else ""
-        return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst)
+        return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst,
+                          images=self.images)
 
 
 @dataclass
