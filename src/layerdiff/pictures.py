@@ -23,7 +23,7 @@ import numpy as np
 from . import quality
 from .records import CaseKind, ImageQuality, InputKind, InputSpec, OutputResult, Picture
 
-SIDE = 320  # longest side of a reduced picture, pixels
+SIDE = 256  # longest side of a reduced picture, pixels
 CROP = 64  # side of the full-resolution crop around the largest difference
 CHANNELS = (1, 3, 4)
 BAND = 1 << 20  # elements of one output read at a time

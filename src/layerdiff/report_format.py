@@ -180,5 +180,8 @@ def fmt_ssim(x: Any) -> str:
 
 
 def fmt_factor(x: float) -> str:
-    """An amplification factor: "×5", "×2000", "×2e+05" written "×200000"."""
-    return f"×{x:.0f}" if x < 1e7 else f"×{x:.0e}"
+    """An amplification factor: "×5", "×2000", "×50000", then "×2e5", "×1e7"."""
+    if x < 1e5:
+        return f"×{x:.0f}"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"×{mantissa}e{int(exponent)}"

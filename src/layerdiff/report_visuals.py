@@ -399,15 +399,19 @@ def _preview(name: str, arr: Any) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------- pictures
 
-PIC_BOX = 236  # CSS px of each side-by-side picture's longer side
-FLIP_BOX = 400  # ... of the picture that flips in place
-CROP_BOX = 224  # ... of a full-resolution crop (3.5 screen px per pixel at 64 px)
+# Display boxes, CSS px. Pictures are shown at a whole multiple of their pixels (never
+# resampled: a resampled checkerboard shows moiré that is not in the output).
+PIC_BOX = 256  # each side-by-side picture (pictures.SIDE: reduced ones show 1:1)
+INPUT_BOX = 170  # the input, smaller
+FLIP_BOX = 512  # the picture that flips in place
+CROP_BOX = 192  # a 64 px full-resolution crop, 3 screen px per pixel
 
 
 def _fit(width: int, height: int, box: int) -> tuple[int, int]:
-    """Display size of a width x height picture in a box x box square, aspect kept."""
-    k = box / max(width, height, 1)
-    return max(1, round(width * k)), max(1, round(height * k))
+    """Display size of a width x height picture: the largest whole multiple that fits a
+    box x box square, and never below 1:1."""
+    k = max(1, box // max(width, height, 1))
+    return width * k, height * k
 
 
 def _pictures(d: Diagnosis) -> list[dict[str, Any]]:
@@ -437,7 +441,7 @@ def _pictures(d: Diagnosis) -> list[dict[str, Any]]:
             "input": None,
         }
         if p.input is not None:
-            iw, ih = _fit(p.input.shape[1], p.input.shape[0], PIC_BOX * 2 // 3)
+            iw, ih = _fit(p.input.shape[1], p.input.shape[0], INPUT_BOX)
             view["input"] = {"uri": _png_uri(p.input), "w": iw, "h": ih}
         out.append(view)
     return out
