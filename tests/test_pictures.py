@@ -184,3 +184,23 @@ def test_the_report_labels_each_channel_preview_and_bins_the_whole_layer_once(cl
     # one histogram for the layer (its whole tensor), one for the final output
     assert page.count('class="hist-svg"') == 2
 
+
+
+def test_outputs_read_back_from_disk_are_not_held_in_memory(tmp_path):
+    # The store maps spilled outputs from .npy files: measuring and picturing them must
+    # drop their pages once read, as compare() does, or a 4096 px output costs GBs.
+    from layerdiff import store
+
+    rng = np.random.default_rng(0)
+    values = rng.random((1, 3, 2400, 2400), dtype=np.float32)
+    np.save(tmp_path / "torch.npy", values)
+    np.save(tmp_path / "onnx.npy", values + np.float32(1e-3))
+    del values
+    torch_out = np.load(tmp_path / "torch.npy", mmap_mode="r")
+    onnx_out = np.load(tmp_path / "onnx.npy", mmap_mode="r")
+    before = store.current_rss()
+    (q,) = pictures.measure("x", [_output("out")], [torch_out], [onnx_out])
+    p = pictures.picture(q, None, torch_out, onnx_out)
+    grown = store.current_rss() - before
+    assert grown < 0.4 * torch_out.nbytes, f"{grown / 2**20:.0f} MiB held"
+    assert q.psnr == pytest.approx(60.0, abs=0.01) and p.reduced == 10

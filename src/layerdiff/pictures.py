@@ -66,21 +66,31 @@ def picture(measured: ImageQuality, image_input: Any, reference: np.ndarray,
     """The report's arrays of one image output on one input: ``image_input`` is the
     model's first input (N,C,H,W; a tensor or array), the outputs PyTorch's and ONNX's."""
     t, o = reference[0], candidate[0]  # C,H,W of the first batch item
-    _, height, width = t.shape
+    channels, height, width = t.shape
     step = _step(height, width)
-    rows = step * max(1, BAND // (step * t.shape[0] * width))
+    # Channel by channel, a band of rows at a time: the order the values lie in memory,
+    # so the pages of an output mapped from disk are dropped once read.
+    rows = step * max(1, BAND // (step * width))
+    done = quality.read_once(reference, candidate)
     small_t, small_o, small_d = [], [], []
     worst, where = -1.0, (0, 0)
-    for lo in range(0, height, rows):
-        a, b = quality.clipped(t[:, lo:lo + rows]), quality.clipped(o[:, lo:lo + rows])
-        diff = np.abs(b - a)
-        top = diff.max(axis=0)
-        at = int(np.argmax(top))
-        if top.flat[at] > worst:
-            worst, where = float(top.flat[at]), (lo + at // width, at % width)
-        small_t.append(_reduce(a, step, np.mean))
-        small_o.append(_reduce(b, step, np.mean))
-        small_d.append(_reduce(diff, step, np.max))
+    for c in range(channels):
+        bands_t, bands_o, bands_d = [], [], []
+        for lo in range(0, height, rows):
+            # float32 is exact enough for what becomes 8 bits
+            a = quality.clipped(t[c:c + 1, lo:lo + rows], np.float32)
+            b = quality.clipped(o[c:c + 1, lo:lo + rows], np.float32)
+            diff = np.abs(b - a)
+            at = int(np.argmax(diff))
+            if diff.flat[at] > worst:
+                worst, where = float(diff.flat[at]), (lo + at // width, at % width)
+            bands_t.append(_reduce(a, step, np.mean))
+            bands_o.append(_reduce(b, step, np.mean))
+            bands_d.append(_reduce(diff, step, np.max))
+            done((c * height + lo + rows) * width)
+        small_t.append(np.concatenate(bands_t, axis=1))
+        small_o.append(np.concatenate(bands_o, axis=1))
+        small_d.append(np.concatenate(bands_d, axis=1))
     factor = amplification(worst)
     top, left, h, w = _crop_box(where, height, width)
     crop_t = quality.clipped(t[:, top:top + h, left:left + w])
@@ -93,8 +103,8 @@ def picture(measured: ImageQuality, image_input: Any, reference: np.ndarray,
             shown_input = _rgb(_reduce(quality.clipped(first), _step(*first.shape[1:]), np.mean))
     return Picture(
         quality=measured, input=shown_input,
-        torch=_rgb(np.concatenate(small_t, axis=1)), onnx=_rgb(np.concatenate(small_o, axis=1)),
-        diff=_rgb(np.minimum(np.concatenate(small_d, axis=1) * factor, 1.0)),
+        torch=_rgb(np.concatenate(small_t)), onnx=_rgb(np.concatenate(small_o)),
+        diff=_rgb(np.minimum(np.concatenate(small_d) * factor, 1.0)),
         factor=factor, reduced=step, size=(height, width), crop=(top, left, h, w),
         crop_torch=_rgb(crop_t), crop_onnx=_rgb(crop_o),
         crop_diff=_rgb(np.minimum(np.abs(crop_o - crop_t) * factor, 1.0)))
@@ -120,7 +130,9 @@ def _reduce(values: np.ndarray, step: int, how) -> np.ndarray:
     if step == 1:
         return values
     c, h, w = values.shape
-    padded = np.pad(values, ((0, 0), (0, -h % step), (0, -w % step)), mode="edge")
+    padded = values
+    if h % step or w % step:
+        padded = np.pad(values, ((0, 0), (0, -h % step), (0, -w % step)), mode="edge")
     return how(padded.reshape(c, padded.shape[1] // step, step, padded.shape[2] // step, step),
                axis=(2, 4))
 
@@ -143,9 +155,11 @@ def _rgb(values: np.ndarray) -> np.ndarray:
 def _finite_range(values: np.ndarray) -> tuple[float, float]:
     low, high = math.inf, -math.inf
     flat = values.reshape(-1)
+    done = quality.read_once(values)
     for lo in range(0, flat.size, BAND):
         chunk = flat[lo:lo + BAND]
         chunk = chunk[np.isfinite(chunk)]
         if chunk.size:
             low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        done(lo + BAND)
     return (low, high) if low <= high else (0.0, 0.0)

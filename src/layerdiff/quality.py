@@ -15,7 +15,8 @@ restoration model's output becomes when it is saved), data range 1.
   use_sample_covariance=False, data_range=1)`` on each channel.
 
 Both are computed a band of rows at a time in float64, so a 4096 px output costs a few
-band-sized temporaries, not copies of the output.
+band-sized temporaries, not copies of the output; an output the store read back from disk
+(a memory map) has its pages dropped from this process once read (compare.py does the same).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import numpy as np
 
+from .compare import _compared_pages
 from .records import Visibility
 
 DATA_RANGE = 1.0
@@ -52,10 +54,14 @@ def psnr(mse: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(DATA_RANGE ** 2 / mse)
 
 
-def clipped(values: np.ndarray) -> np.ndarray:
-    """float64 values clipped to [0, 1], NaN as 0 (a picture cannot show NaN)."""
-    out = np.asarray(values, dtype=np.float64)
-    return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+def clipped(values: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """Values clipped to [0, 1] as a new ``dtype`` array, NaN as 0 (a picture cannot
+    show NaN)."""
+    out = np.clip(np.asarray(values, dtype=dtype), 0.0, 1.0)  # a new array; inf clips too
+    nan = np.isnan(out)
+    if nan.any():
+        out[nan] = 0.0
+    return out
 
 
 def mse_of(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -63,11 +69,26 @@ def mse_of(reference: np.ndarray, candidate: np.ndarray) -> float:
     flat_r, flat_c = reference.reshape(-1), candidate.reshape(-1)
     if not flat_r.size:
         return 0.0
+    done = read_once(reference, candidate)
     total, step = 0.0, BAND_ELEMENTS
     for lo in range(0, flat_r.size, step):
         d = clipped(flat_c[lo:lo + step]) - clipped(flat_r[lo:lo + step])
         total += float(np.einsum("i,i->", d, d))
+        done(lo + step)
     return total / flat_r.size
+
+
+def read_once(*arrays: np.ndarray):
+    """A function that drops from this process the pages of each memory-mapped array
+    before element ``upto`` (of the whole array, flat), once read: reading a full-size
+    output then costs a few MB of memory, not its size. Ascending calls only."""
+    drops = [_compared_pages(a) for a in arrays]
+
+    def done(upto: int) -> None:
+        for drop in drops:
+            drop(upto)
+
+    return done
 
 
 def gaussian_window() -> np.ndarray:
@@ -107,10 +128,13 @@ def ssim(reference: np.ndarray, candidate: np.ndarray) -> float | None:
     out_rows = height - WINDOW + 1
     # Output rows per band; each band reads WINDOW - 1 rows more (the window's reach).
     step = max(1, BAND_ELEMENTS // width - (WINDOW - 1))
+    done = read_once(reference, candidate)  # the memory maps, not asarray's plain views
     means = []
-    for r_map, c_map in zip(maps_r, maps_c):
+    for m, (r_map, c_map) in enumerate(zip(maps_r, maps_c)):
         total = 0.0
         for lo in range(0, out_rows, step):
+            if lo:  # rows above this band are read
+                done(m * height * width + lo * width)
             hi = min(lo + step, out_rows)
             x = clipped(r_map[lo:hi + WINDOW - 1])
             y = clipped(c_map[lo:hi + WINDOW - 1])
@@ -121,4 +145,5 @@ def ssim(reference: np.ndarray, candidate: np.ndarray) -> float | None:
             s = ((2 * mu_xy + C1) * (2 * cov + C2)) / ((mu_xx + mu_yy + C1) * (var_x + var_y + C2))
             total += float(s.sum())
         means.append(total / (out_rows * (width - WINDOW + 1)))
+    done(ref.size)
     return float(np.mean(means))
