@@ -2,7 +2,7 @@
 the report shows of them (input, PyTorch's output, ONNX's, the difference amplified, and
 full-resolution crops where the difference is largest).
 
-An output is an image output when its array is N,C,H,W with C in 1, 3 or 4 and the
+An output is an image output when its array is float N,C,H,W with C in 1, 3 or 4 and the
 model's first input is an image (an N,C,H,W float input, InputKind.IMAGE): the outputs
 of super-resolution, restoration and inpainting models. A detector's N,4,H,W box map fed
 by an image would pass this test too; its PSNR is then a plain figure of its values.
@@ -48,7 +48,7 @@ def measure(label: str, outputs: Sequence[OutputResult], torch_outputs: Sequence
     found = []
     for k, result in enumerate(outputs):
         reference = torch_outputs[k]
-        if not is_image_output(reference.shape):
+        if not is_image_output(reference.shape) or not np.issubdtype(reference.dtype, np.floating):
             continue
         candidate = onnx_outputs[k]
         if candidate.shape != reference.shape:

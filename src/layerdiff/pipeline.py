@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
-from . import files, footprint as forward_memory, pictures as pictures_, preflight, store as memory
+from . import files, footprint as forward_memory, pictures as pictures_, preflight, quality
+from . import store as memory
 from .align import align
 from .compare import CHUNK
 from .errors import LayerdiffError, UsageError
@@ -572,14 +573,16 @@ def _channel_maps(torch_value: np.ndarray, onnx_value: np.ndarray
         diff = _diff_map(torch_value, onnx_value)
         return [] if diff is None else [(None, 1, diff)]
     a, b = _as_maps(torch_value), _as_maps(onnx_value)
-    width = a.shape[2]
+    height, width = a.shape[1:]
     rows = max(1, CHUNK // width)
+    done = quality.read_once(torch_value, onnx_value)  # a layer at 4096 px is GBs
     worst = []
     for c in range(a.shape[0]):
         top = 0.0
-        for lo in range(0, a.shape[1], rows):
+        for lo in range(0, height, rows):
             d = np.abs(a[c, lo:lo + rows].astype(np.float32) - b[c, lo:lo + rows].astype(np.float32))
             top = max(top, np.inf if np.isnan(d).any() else float(d.max(initial=0.0)))
+            done((c * height + lo + rows) * width)
         worst.append(top)
     chosen = sorted(sorted(range(len(worst)), key=lambda c: -worst[c])[:PREVIEW_CHANNELS])
     maps = []
@@ -595,19 +598,23 @@ def _diff_histogram(torch_value: np.ndarray, onnx_value: np.ndarray) -> np.ndarr
     its max, as report_visuals reads an explicit histogram: [edges, counts + one pad]."""
     flat_a, flat_b = torch_value.reshape(-1), onnx_value.reshape(-1)
     top = 0.0
+    done = quality.read_once(torch_value, onnx_value)
     for lo in range(0, flat_a.size, CHUNK):
         d = np.abs(flat_a[lo:lo + CHUNK].astype(np.float64) - flat_b[lo:lo + CHUNK])
         d = d[np.isfinite(d)]
         if d.size:
             top = max(top, float(d.max()))
+        done(lo + CHUNK)
     if top <= HISTOGRAM_FLOOR:
         return None
     edges = np.logspace(math.log10(HISTOGRAM_FLOOR), math.log10(top), HISTOGRAM_BINS + 1)
     counts = np.zeros(HISTOGRAM_BINS)
+    done = quality.read_once(torch_value, onnx_value)
     for lo in range(0, flat_a.size, CHUNK):
         d = np.abs(flat_a[lo:lo + CHUNK].astype(np.float64) - flat_b[lo:lo + CHUNK])
         d = d[np.isfinite(d) & (d >= HISTOGRAM_FLOOR)]
         counts += np.histogram(np.clip(d, edges[0], edges[-1]), bins=edges)[0]
+        done(lo + CHUNK)
     return np.stack([edges, np.append(counts, 0.0)])
 
 
