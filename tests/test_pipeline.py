@@ -38,11 +38,12 @@ def test_clean_export_passes(arch, how, exported):
 ])
 def test_other_sizes_are_checked_by_default(arch, how, broken, exported):
     d = diagnose(make_model(arch), exported(arch, how), input_shape=SHAPE)
-    assert [c.kind for c in d.cases] == ["random", "size"]
-    assert d.cases[0].verdict == "pass"
+    # the bundled photo runs beside the random input of an image model given no image
+    assert [c.kind for c in d.cases] == ["random", "photo", "size"]
+    assert d.cases[0].verdict == d.cases[1].verdict == "pass"
     if broken:
         assert d.verdict == "diverged"
-        assert d.first_divergence.case == d.cases[1].label
+        assert d.first_divergence.case == d.cases[2].label
         assert "frozen_shape" in [s.rule for s in d.suggestions]
     else:
         assert d.verdict == "pass", d.summary
@@ -285,7 +286,8 @@ def test_first_divergence_carries_its_row_when_inputs_are_combined(exported, tmp
     from layerdiff.render import to_json_dict
 
     path, node = with_fault(exported("compact", "nameless"), faults.pixel_shuffle_dcr, tmp_path)
-    d = diagnose(make_model("compact"), path, input_shape=SHAPE, samples=2, check_sizes=())
+    d = diagnose(make_model("compact"), path, input_shape=SHAPE, samples=2, check_sizes=(),
+                 photo=False)
     first = d.first_divergence
     assert len(d.cases) == 2 and first.onnx_node == node
     row = d.layers[first.layer]
