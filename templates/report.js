@@ -21,6 +21,19 @@
   }
   Array.prototype.forEach.call(document.querySelectorAll("td.name, .fd-side .big"), breakable);
 
+  /* ------------------------------------------------------------ pictures */
+  /* The button flips PyTorch's and ONNX's output in place (the picture and its crop);
+     a button, so Enter and Space flip it too. */
+  Array.prototype.forEach.call(document.querySelectorAll(".flip"), function (box) {
+    var button = box.querySelector(".flip-btn"), label = box.querySelector(".flip-label");
+    button.addEventListener("click", function () {
+      var onnx = box.getAttribute("data-show") !== "onnx";
+      box.setAttribute("data-show", onnx ? "onnx" : "torch");
+      button.setAttribute("aria-pressed", onnx ? "true" : "false");
+      label.textContent = onnx ? "ONNX" : "PyTorch";
+    });
+  });
+
   var table = document.getElementById("layer-table");
   if (!table) return;
   var tbody = table.tBodies[0];

@@ -273,5 +273,56 @@ def test_chart_and_images_render(open_report, name):
 
 def test_preview_images_render(open_report):
     r = open_report("previews")
-    assert _check_images(r) == 2
+    _check_images(r)
+    assert r.page.locator(".previews img").count() == 2
+    # each with its labelled colour scale: 0 … max for |diff|, min … max otherwise
+    bars = r.page.locator(".previews .cbar")
+    assert bars.count() == 2
+    assert bars.nth(0).locator("span").all_inner_texts()[0] == "0"
+    assert bars.nth(0).locator("i").bounding_box()["width"] > 100
+    assert r.errors == []
+
+
+def _visibility(locator) -> str:
+    return locator.evaluate("e => getComputedStyle(e).visibility")
+
+
+@pytest.mark.parametrize("name", ["diverged", "pass"])
+def test_pictures_render_and_flip_in_place(open_report, name):
+    r = open_report(name)
+    section = r.page.locator("#pictures")
+    section.scroll_into_view_if_needed()
+    assert section.is_visible()
+    assert "photo (bundled)" in section.locator(".pic h3").first.inner_text()
+    assert "PSNR" in section.inner_text() and "SSIM" in section.inner_text()
+    images = section.locator("img")
+    assert images.count() == 9  # input, PyTorch, ONNX, |diff|; flip pair; crop pair; crop |diff|
+    for img in images.all():
+        img.scroll_into_view_if_needed()
+        assert img.evaluate("i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0"), \
+            img.get_attribute("alt")
+    assert "×" in section.locator("figcaption").nth(3).inner_text()  # the amplification
+
+    flip = section.locator(".flip").first
+    crop = flip.locator(".flip-stack").nth(1)
+    torch_img, onnx_img = crop.locator("img.flip-torch"), crop.locator("img.flip-onnx")
+    box = crop.bounding_box()
+    shown = lambda: r.page.evaluate(  # noqa: E731
+        "([x, y]) => document.elementFromPoint(x, y).className",
+        [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+    button = flip.locator(".flip-btn")
+    assert (_visibility(torch_img), _visibility(onnx_img)) == ("visible", "hidden")
+    assert shown() == "flip-torch" and button.get_attribute("aria-pressed") == "false"
+    button.click()
+    assert (_visibility(torch_img), _visibility(onnx_img)) == ("hidden", "visible")
+    assert shown() == "flip-onnx" and button.get_attribute("aria-pressed") == "true"
+    assert flip.locator(".flip-label").inner_text() == "ONNX"
+    # the keyboard flips it too
+    button.focus()
+    r.page.keyboard.press("Enter")
+    assert shown() == "flip-torch"
+    r.page.keyboard.press("Space")
+    assert shown() == "flip-onnx"
+    # offline: the pictures are inline, nothing was fetched
+    assert [u for u in r.requests if u != r.url and not u.startswith("data:")] == []
     assert r.errors == []

@@ -66,6 +66,9 @@ def test_cli_converts_a_clean_model_and_report_shows_the_verification(tmp_path, 
     assert float(meta["layerdiff.rtol"]) == 1e-3 and float(meta["layerdiff.atol"]) == 1e-5
     assert float(meta["layerdiff.max_output_error"]) < 1e-3
     assert float(meta["layerdiff.psnr"]) > 60
+    # the same PSNR as the diagnosis's (quality.py), the lowest over the inputs
+    image = json.loads((tmp_path / "c.json").read_text())["outputs"][0]["image"]
+    assert meta["layerdiff.psnr"] == ("inf" if image["psnr"] == "inf" else f"{image['psnr']:.2f}")
     assert json.loads(meta["layerdiff.attempts"]) == [
         {"exporter": "dynamo", "dtype": "fp32", "method": None, "failed": None, "verdict": "pass",
          "repair": None, "optimizer": None}]

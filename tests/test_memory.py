@@ -42,6 +42,10 @@ def same_results(a, b):
     assert a.previews.keys() == b.previews.keys()
     for key in a.previews:
         np.testing.assert_array_equal(a.previews[key], b.previews[key])
+    assert [p.quality for p in a.pictures] == [p.quality for p in b.pictures]
+    for p, q in zip(a.pictures, b.pictures):  # read back from disk or held: the same pictures
+        for field in ("torch", "onnx", "diff", "crop_diff"):
+            np.testing.assert_array_equal(getattr(p, field), getattr(q, field))
     facts = lambda d: dataclasses.replace(d.facts, peak_memory=None, over_memory=False,
                                           spilled_bytes=0, segments=1)
     assert facts(a) == facts(b)

@@ -700,12 +700,7 @@ def _sizes(d: Diagnosis) -> list[list[int]]:
 
 
 def _psnr(d: Diagnosis) -> float | None:
-    """The lowest PSNR over image outputs (N,C,H,W), 10 log10(1 / MSE), taking outputs
-    to be images in [0, 1] (as super-resolution models give): None without one."""
-    values = [o.metrics.mse for o in d.outputs
-              if len(o.metrics.shape_torch) == 4 and o.metrics.mse is not None
-              and math.isfinite(o.metrics.mse)]
-    if not values:
-        return None
-    worst = max(values)
-    return math.inf if worst == 0 else 10 * math.log10(1 / worst)
+    """The lowest PSNR of any image output over every input run (quality.py: the outputs
+    as pictures clipped to [0, 1], data range 1); None without an image output."""
+    values = [o.image.psnr for o in d.outputs if o.image is not None]
+    return min(values, key=lambda v: (not math.isnan(v), v)) if values else None

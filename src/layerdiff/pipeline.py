@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
-from . import files, footprint as forward_memory, preflight, store as memory
+from . import files, footprint as forward_memory, pictures as pictures_, preflight, quality
+from . import store as memory
 from .align import align
 from .compare import CHUNK
 from .errors import LayerdiffError, UsageError
@@ -29,9 +30,9 @@ from .models import from_module, load_model, model_file, output_stem
 from .options import Options
 from .progress import Progress, silent
 from .records import (
-    Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, DivergenceKind, Facts,
+    HISTOGRAM_PREFIX, Alignment, CaseKind, CaseResult, CaseVerdict, Diagnosis, DivergenceKind, Facts,
     FirstDivergence, InputKind, InputSpec, LayerResult, LayerStatus, LoadedModel, ModelKind, OnnxSource,
-    OutputResult, RandomOp, Settings, Side, TorchCall, Verdict,
+    OutputResult, Picture, RandomOp, Settings, Side, TorchCall, Verdict,
 )
 from .rules import suggest
 from .run_case import CaseRun as _Case, CaseRunner
@@ -287,7 +288,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
     for number, case in enumerate(case_list):
         say(f"input {number + 1}: {case.label}")
         try:
-            results.append(_screened(runner, case, results) or runner.run(case, number))
+            results.append(_screened(runner, case, number, results) or runner.run(case, number))
         except capture_onnx.OnnxLoadError as exc:
             if number == 0:
                 return _error_diagnosis(loaded, source, settings, str(exc), exc.hint)
@@ -304,6 +305,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
                                       note=f"PyTorch itself fails here: {exc.message}{also}"))
     main = results[0]
 
+    pictures = _pictures(results, settings.input_specs)
     layers = _worst_layers(results)
     outputs = _worst_outputs(results)
     first, first_case = _first_divergence(results, layers)
@@ -370,18 +372,19 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         cases=tuple(_summary(r, first_case) for r in results) + tuple(skipped)
         if len(results) + len(skipped) > 1 else (),
         facts=facts, notes=tuple(dict.fromkeys(n for n in notes if n)), previews=previews,
-        reproducer=written,
+        reproducer=written, pictures=pictures,
     )
     return replace(diagnosis, suggestions=suggest(diagnosis))
 
 
-def _screened(runner: CaseRunner, case: cases_.Case, results: list[_Case]) -> _Case | None:
+def _screened(runner: CaseRunner, case: cases_.Case, number: int,
+              results: list[_Case]) -> _Case | None:
     """An input after the first, compared by its outputs alone when that settles it: they
     pass, or a divergence was already located layer by layer on an earlier input. Else
     None: the input is walked layer by layer (to find where it diverges)."""
     if not results:
         return None
-    run = runner.screen(case)
+    run = runner.screen(case, number)
     if run is None or not (run.passed or any(r.first is not None for r in results)):
         return None
     return run
@@ -468,13 +471,45 @@ def _worst_layers(results: list[_Case]) -> list[LayerResult]:
 
 
 def _worst_outputs(results: list[_Case]) -> list[OutputResult]:
+    """Each output as it did on the input where it was worst; an image output with its
+    lowest PSNR over the inputs (NaN lowest of all)."""
     by_name: dict[str, OutputResult] = {}
     for case in results:
         for out in case.outputs:
             held = by_name.get(out.name)
             if held is None or (not out.passed, out.metrics.max_abs) > (not held.passed, held.metrics.max_abs):
                 by_name[out.name] = out
+    images = [image for case in results for image in case.images]
+    for name, out in by_name.items():
+        mine = [image for image in images if image.output == name]
+        if mine:
+            worst = min(mine, key=lambda image: (not math.isnan(image.psnr), image.psnr))
+            by_name[name] = replace(out, image=worst)
     return list(by_name.values())
+
+
+MAX_PICTURES = 6  # pictures kept for the report (a few hundred KB each)
+
+
+def _pictures(results: list[_Case], specs) -> tuple[Picture, ...]:
+    """Measure every input's image outputs (PSNR, SSIM: kept on each input's run), and
+    make the report's pictures of them on the real images (--input, --input-data, the
+    bundled photo, given values), or on the main input when no real image ran."""
+    if not pictures_.image_model(specs):
+        return ()
+    for case in results:
+        case.images = pictures_.measure(case.label, case.outputs, case.torch_outputs,
+                                        case.final_outputs)
+    shown = [case for case in results if case.kind in pictures_.REAL] or results[:1]
+    made: list[Picture] = []
+    for case in shown:
+        for image in case.images:
+            if len(made) == MAX_PICTURES:
+                return tuple(made)
+            k = next(i for i, out in enumerate(case.outputs) if out.name == image.output)
+            made.append(pictures_.picture(image, case.tensor, case.torch_outputs[k],
+                                          case.final_outputs[k]))
+    return tuple(made)
 
 
 def _first_divergence(results: list[_Case], layers: list[LayerResult]
@@ -521,19 +556,87 @@ def _first_pair(case: _Case):
     return case.alignment.pairs[first.layer]  # one layer per pair, in the same order
 
 
+PREVIEW_CHANNELS = 4  # channels of the first divergence shown, those with the largest error
+HISTOGRAM_BINS, HISTOGRAM_FLOOR = 20, 1e-9  # log-spaced bins of |diff|, as report_visuals'
+
+
 def _previews(case: _Case) -> dict[str, np.ndarray]:
-    """|torch - onnx| of the first diverging layer and of the final output, small 2-D maps."""
+    """Small 2-D |torch - onnx| maps: the first diverging layer's channels with the
+    largest error (with a histogram of its whole tensor), and the final output's map
+    (max over channels)."""
     previews = {}
     pair = _first_pair(case)
     if pair is not None and case.first_onnx is not None:
-        diff = _diff_map(case.activations[pair.call], case.first_onnx)
-        if diff is not None:
-            previews[f"first divergence |diff|: {case.calls[pair.call].label}"] = diff
+        reference, value = case.activations[pair.call], case.first_onnx
+        title = f"first divergence |diff|: {case.calls[pair.call].label}"
+        maps = _channel_maps(reference, value)
+        histogram = _diff_histogram(reference, value) if maps else None
+        if histogram is not None:  # named after the maps: it stands for all of them
+            previews[HISTOGRAM_PREFIX + title] = histogram
+        for channel, count, diff in maps:
+            name = title if channel is None else f"{title}, channel {channel} of {count}"
+            previews[name] = diff
     if case.final_outputs and case.torch_outputs:
         diff = _diff_map(case.torch_outputs[0], case.final_outputs[0])
         if diff is not None:
             previews["final output |diff|"] = diff
     return previews
+
+
+def _channel_maps(torch_value: np.ndarray, onnx_value: np.ndarray
+                  ) -> list[tuple[int | None, int, np.ndarray]]:
+    """(channel, channels, |diff| map) of the PREVIEW_CHANNELS channels of the first
+    batch item with the largest max |diff| (NaN largest), in channel order; one map with
+    channel None for a tensor without channels (fewer than 4 dimensions)."""
+    if torch_value.shape != onnx_value.shape or not torch_value.size:
+        return []
+    if torch_value.ndim < 4:
+        diff = _diff_map(torch_value, onnx_value)
+        return [] if diff is None else [(None, 1, diff)]
+    a, b = _as_maps(torch_value), _as_maps(onnx_value)
+    height, width = a.shape[1:]
+    rows = max(1, CHUNK // width)
+    done = quality.read_once(torch_value, onnx_value)  # a layer at 4096 px is GBs
+    worst = []
+    for c in range(a.shape[0]):
+        top = 0.0
+        for lo in range(0, height, rows):
+            d = np.abs(a[c, lo:lo + rows].astype(np.float32) - b[c, lo:lo + rows].astype(np.float32))
+            top = max(top, np.inf if np.isnan(d).any() else float(d.max(initial=0.0)))
+            done((c * height + lo + rows) * width)
+        worst.append(top)
+    chosen = sorted(sorted(range(len(worst)), key=lambda c: -worst[c])[:PREVIEW_CHANNELS])
+    maps = []
+    for c in chosen:
+        diff = _diff_map(a[c][None], b[c][None])
+        if diff is not None:
+            maps.append((c, a.shape[0], diff))
+    return maps
+
+
+def _diff_histogram(torch_value: np.ndarray, onnx_value: np.ndarray) -> np.ndarray | None:
+    """|torch - onnx| over the whole tensor in log-spaced bins from HISTOGRAM_FLOOR to
+    its max, as report_visuals reads an explicit histogram: [edges, counts + one pad]."""
+    flat_a, flat_b = torch_value.reshape(-1), onnx_value.reshape(-1)
+    top = 0.0
+    done = quality.read_once(torch_value, onnx_value)
+    for lo in range(0, flat_a.size, CHUNK):
+        d = np.abs(flat_a[lo:lo + CHUNK].astype(np.float64) - flat_b[lo:lo + CHUNK])
+        d = d[np.isfinite(d)]
+        if d.size:
+            top = max(top, float(d.max()))
+        done(lo + CHUNK)
+    if top <= HISTOGRAM_FLOOR:
+        return None
+    edges = np.logspace(math.log10(HISTOGRAM_FLOOR), math.log10(top), HISTOGRAM_BINS + 1)
+    counts = np.zeros(HISTOGRAM_BINS)
+    done = quality.read_once(torch_value, onnx_value)
+    for lo in range(0, flat_a.size, CHUNK):
+        d = np.abs(flat_a[lo:lo + CHUNK].astype(np.float64) - flat_b[lo:lo + CHUNK])
+        d = d[np.isfinite(d) & (d >= HISTOGRAM_FLOOR)]
+        counts += np.histogram(np.clip(d, edges[0], edges[-1]), bins=edges)[0]
+        done(lo + CHUNK)
+    return np.stack([edges, np.append(counts, 0.0)])
 
 
 def _diff_map(torch_value: np.ndarray, onnx_value: np.ndarray) -> np.ndarray | None:

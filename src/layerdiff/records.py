@@ -355,6 +355,8 @@ class OutputResult:
     name: str  # the ONNX output's
     metrics: Metrics
     model_output: str = ""  # what forward() returned there: "output", "logits", "0.hidden"
+    # An image output as a picture, on the input where its PSNR is lowest; None otherwise.
+    image: ImageQuality | None = None
 
     @property
     def passed(self) -> bool:
@@ -362,6 +364,68 @@ class OutputResult:
 
 
 # --------------------------------------------------------------------------- diagnosis
+
+
+class Visibility(str, Enum):
+    """What a PSNR of ONNX against PyTorch means to someone looking at the picture
+    (quality.visibility; README "Pictures" gives the reasoning behind the thresholds)."""
+
+    IDENTICAL = "visually_identical"  # >= 50 dB: under one 8-bit level RMS
+    INVISIBLE = "invisible_differences"  # 40 .. 50 dB
+    CLOSE_INSPECTION = "visible_on_close_inspection"  # 30 .. 40 dB
+    VISIBLE = "visibly_different"  # < 30 dB
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def words(self) -> str:
+        return self.value.replace("_", " ")
+
+
+@dataclass(frozen=True)
+class ImageQuality:
+    """An image output (N,C,H,W, C in 1, 3, 4, of a model whose first input is an image)
+    on one input, as pictures: its values clipped to [0, 1], data range 1 (quality.py)."""
+
+    output: str  # the ONNX output's name
+    psnr: float  # dB of ONNX against PyTorch; inf when the clipped outputs are identical
+    ssim: float | None  # None when the picture is smaller than SSIM's 11 px window
+    visibility: Visibility
+    max_abs: float  # max |onnx - torch| of this output on this input, unclipped
+    value_range: tuple[float, float]  # PyTorch's output, min and max (finite values)
+    case: str = ""  # the input's label
+
+    def __post_init__(self) -> None:
+        _members(self, visibility=Visibility)
+
+    @property
+    def far_outside(self) -> bool:
+        """Values far outside [0, 1] (not an overshoot at edges): the pictures, PSNR and
+        SSIM see them clipped, which may not be how the model's users read them."""
+        low, high = self.value_range
+        return low < -0.25 or high > 1.25
+
+
+@dataclass(frozen=True)
+class Picture:
+    """What the report shows of an image output on one input, small and bounded
+    (pictures.py): uint8 H,W,3 arrays, never serialised."""
+
+    quality: ImageQuality
+    input: np.ndarray | None  # the model's image input, reduced to at most SIDE px
+    torch: np.ndarray  # PyTorch's output, reduced (area mean) to at most SIDE px
+    onnx: np.ndarray
+    diff: np.ndarray  # |onnx - torch| per channel x factor, reduced by block max
+    factor: float  # the amplification of diff (1, 2, 5 x 10^k)
+    reduced: int  # pixels of the output per pixel shown (1: full resolution)
+    size: tuple[int, int]  # the output's H, W
+    crop: tuple[int, int, int, int]  # top, left, height, width at full resolution
+    crop_torch: np.ndarray  # the crop at full resolution, around the largest difference
+    crop_onnx: np.ndarray
+    crop_diff: np.ndarray  # x factor
+
+
 
 
 class DivergenceKind(str, Enum):
@@ -445,6 +509,7 @@ class CaseResult:
     max_output_error: float | None = None
     note: str = ""
     layer_by_layer: bool = True  # False: its outputs alone were compared (screened)
+    images: tuple[ImageQuality, ...] = ()  # each image output as a picture
 
     def __post_init__(self) -> None:
         _members(self, verdict=CaseVerdict, kind=CaseKind)
@@ -577,6 +642,11 @@ class ConversionLog:
     reason: str = ""  # why the file is not verified ("" when it is)
 
 
+# A preview named HISTOGRAM_PREFIX + title is a histogram of |diff| ([edges, counts + one
+# pad], log-spaced edges), not a map; it stands for the maps whose names begin with title.
+HISTOGRAM_PREFIX = "histogram:"
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     verdict: Verdict
@@ -601,6 +671,9 @@ class Diagnosis:
     # Small arrays the report shows (|diff| of the first divergence, ...), never serialised.
     previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     conversion: ConversionLog | None = None  # set only by layerdiff convert
+    # The image outputs as pictures on the real images (--input, the bundled photo), or on
+    # the main input when none ran; a few hundred KB each, never serialised.
+    pictures: tuple[Picture, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _members(self, verdict=Verdict)

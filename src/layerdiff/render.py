@@ -32,7 +32,7 @@ import numpy as np
 
 from .files import atomic_write_text
 from .records import (
-    SCHEMA, CaseVerdict, Diagnosis, DivergenceKind, LayerResult, LayerStatus, Metrics, PairMethod,
+    SCHEMA, CaseVerdict, Diagnosis, DivergenceKind, ImageQuality, LayerResult, LayerStatus, Metrics, PairMethod,
     RefereeSide, Verdict,
 )
 from .store import human_bytes
@@ -42,13 +42,15 @@ from .report_format import (
     _finite_or_none,
     _normalised,
     fmt_cos,
+    fmt_db,
     fmt_num,
     fmt_pct,
     fmt_shape,
     fmt_shapes,
+    fmt_ssim,
     fmt_value,
 )
-from .report_visuals import HISTOGRAM_PREFIX, _chart, _histograms, _neighbourhood, _preview
+from .report_visuals import HISTOGRAM_PREFIX, _chart, _histograms, _neighbourhood, _pictures, _preview
 from . import report_visuals as _visuals
 
 # The drawing constants moved to report_visuals; still importable from here.
@@ -169,6 +171,25 @@ def _metrics_json(m: Metrics | None) -> dict[str, Any]:
     }
 
 
+def psnr_json(db: float) -> float | str | None:
+    """A PSNR in JSON: a number of dB, the string "inf" for identical pictures (JSON has
+    no infinity), null for NaN."""
+    if math.isinf(db) and db > 0:
+        return "inf"
+    return _finite_or_none(db)
+
+
+def _image_json(q: ImageQuality | None, case: bool) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    row = {"output": q.output, "psnr": psnr_json(q.psnr), "ssim": _finite_or_none(q.ssim),
+           "visibility": q.visibility.value, "max_abs": _finite_or_none(q.max_abs),
+           "value_range": [_finite_or_none(v) for v in q.value_range]}
+    if case:
+        row["case"] = q.case
+    return row
+
+
 def _call_labels(d: Diagnosis) -> dict[int, str]:
     labels = {c.index: c.label for c in d.calls}
     labels[-1] = "model input"
@@ -205,6 +226,10 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
     for o in d.outputs:
         row = {"name": o.name, "model_output": o.model_output}
         row.update(_metrics_json(o.metrics))
+        image = _image_json(o.image, case=True)
+        if image is not None:  # an image output: its lowest PSNR over the inputs
+            del image["output"], image["max_abs"]
+        row["image"] = image
         outputs.append(row)
 
     layers = []
@@ -366,7 +391,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
              "verdict": c.verdict.value,
              "first_divergence": c.first_divergence,
              "max_output_error": _finite_or_none(c.max_output_error), "note": c.note,
-             "layer_by_layer": c.layer_by_layer}
+             "layer_by_layer": c.layer_by_layer,
+             "images": [_image_json(q, case=False) for q in c.images]}
             for c in d.cases
         ],
         "masked": bool(d.masked),
@@ -452,6 +478,8 @@ def _env() -> jinja2.Environment:
         shape=fmt_shape,
         value=fmt_value,
         bytes=human_bytes,
+        db=fmt_db,
+        ssim=fmt_ssim,
     )
     return env
 
@@ -804,6 +832,9 @@ def _context(d: Diagnosis) -> dict[str, Any]:
         "conversion": d.conversion,
         "facts": facts,
         "previews": previews,
+        "pictures": _pictures(d),
+        "has_images": any(o.image is not None for o in d.outputs),
+        "cases_images": any(c.images for c in d.cases),
         "histograms": _histograms(d),
         "neighbourhood": _neighbourhood(d, fd),
         "outputs_failed": sum(1 for o in d.outputs if not o.passed),
@@ -820,6 +851,21 @@ def render_html(d: Diagnosis) -> str:
 
 
 # =========================================================================== console
+
+
+def _console_pictures(d: Diagnosis) -> list[str]:
+    """PSNR and SSIM of each image output on each input, with the judgment in words."""
+    images = [q for c in d.cases for q in c.images] or [o.image for o in d.outputs if o.image]
+    if not images:
+        return []
+    several = len({q.output for q in images}) > 1
+    lines = ["  pictures (ONNX vs PyTorch, values clipped to [0, 1]):"]
+    for q in images:
+        where = q.case + (f", {q.output}" if several else "")
+        lines.append(f"    {where}: PSNR {fmt_db(q.psnr)}, SSIM {fmt_ssim(q.ssim)}, "
+                     f"max abs error {fmt_num(q.max_abs)}: {q.visibility.words}")
+    return lines
+
 
 _COLORS = {Verdict.PASS: "32", Verdict.DIVERGED: "31", Verdict.ERROR: "33"}
 
@@ -901,6 +947,7 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
         worst = math.nan if any(math.isnan(v) for v in errs) else max(errs)
         state = f"{len(failed)} of {len(d.outputs)} fail" if failed else "all pass"
         lines.append(f"  outputs: {state} (max abs error {fmt_num(worst)})")
+    lines += _console_pictures(d)
 
     if d.suggestions:
         lines.append("  suggestions:")

@@ -153,3 +153,35 @@ def _fd_layer(d: Diagnosis) -> LayerResult | None:
     """The first divergence's row in the layer table, if it has one."""
     fd = d.first_divergence
     return None if fd is None or fd.layer is None else d.layers[fd.layer]
+
+
+# =========================================================================== pictures
+
+
+def fmt_db(x: Any) -> str:
+    """A PSNR: "48.21 dB", "∞ dB" for identical pictures, "–" when not measured."""
+    if x is None:
+        return "–"
+    f = float(x)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return "∞ dB"
+    return f"{f:.2f} dB"
+
+
+def fmt_ssim(x: Any) -> str:
+    """An SSIM: 6 decimals next to 1 (where conversions live), 4 elsewhere; "–" when the
+    picture is smaller than SSIM's window."""
+    f = _finite_or_none(x)
+    if f is None:
+        return "–" if x is None else fmt_num(x)
+    return f"{f:.6f}" if f >= 0.999 else f"{f:.4f}"
+
+
+def fmt_factor(x: float) -> str:
+    """An amplification factor: "×5", "×2000", "×50000", then "×2e5", "×1e7"."""
+    if x < 1e5:
+        return f"×{x:.0f}"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"×{mantissa}e{int(exponent)}"

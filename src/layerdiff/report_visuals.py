@@ -18,11 +18,12 @@ from typing import Any
 import markupsafe
 import numpy as np
 
-from .records import Diagnosis, FirstDivergence, LayerResult, LayerStatus, Metrics
+from .records import HISTOGRAM_PREFIX, Diagnosis, FirstDivergence, LayerResult, LayerStatus, Metrics
 from .report_format import (
     _fd_layer,
     _finite_or_none,
     _normalised,
+    fmt_factor,
     fmt_num,
     fmt_pct,
     fmt_shape,
@@ -322,8 +323,30 @@ def _png(rgb: np.ndarray) -> bytes:
     )
 
 
+def _png_uri(rgb: np.ndarray) -> str:
+    """H,W,3 uint8 as an inline PNG (data: URI, no network)."""
+    return "data:image/png;base64," + base64.b64encode(_png(np.ascontiguousarray(rgb))).decode("ascii")
+
+
+def _colours(t: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] through the colour map, as float RGB."""
+    pos = t * (len(_CMAP) - 1)
+    i0 = np.floor(pos).astype(int).clip(0, len(_CMAP) - 2)
+    frac = (pos - i0)[..., None]
+    return _CMAP[i0] * (1 - frac) + _CMAP[i0 + 1] * frac
+
+
+def _colour_bar() -> str:
+    """The colour map as a CSS gradient, 0 left, max right: the same linear blend of
+    the same stops as the maps, without another image."""
+    stops = ", ".join(f"rgb({r:.0f},{g:.0f},{b:.0f})" for r, g, b in _CMAP)
+    return f"linear-gradient(to right, {stops})"
+
+
 def _preview(name: str, arr: Any) -> dict[str, Any] | None:
-    """A small array as an inline PNG heat map (data: URI, no network)."""
+    """A small array as an inline PNG heat map with its colour bar. A map with no
+    negative value (|diff|) is scaled from 0, so a colour means the same error in every
+    map; others from their minimum."""
     try:
         a = np.asarray(arr, dtype=np.float64)
     except (TypeError, ValueError):
@@ -345,33 +368,83 @@ def _preview(name: str, arr: Any) -> dict[str, Any] | None:
     finite = np.isfinite(a)
     if finite.any():
         vmin, vmax = float(a[finite].min()), float(a[finite].max())
+        if vmin >= 0:  # |diff|: colours from no error at all
+            vmin = 0.0
     else:
         vmin = vmax = 0.0
     with np.errstate(all="ignore"):
         t = (a - vmin) / (vmax - vmin) if vmax > vmin else np.zeros_like(a)
     t = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0)
-    pos = t * (len(_CMAP) - 1)
-    i0 = np.floor(pos).astype(int).clip(0, len(_CMAP) - 2)
-    frac = (pos - i0)[..., None]
-    rgb = _CMAP[i0] * (1 - frac) + _CMAP[i0 + 1] * frac
+    rgb = _colours(t)
     rgb[~finite] = (0, 200, 255)  # NaN / inf: cyan, off the colour map
     rgb = rgb.round().astype(np.uint8)
-    uri = "data:image/png;base64," + base64.b64encode(_png(rgb)).decode("ascii")
     # display size: upscale small maps, keep the aspect ratio
     dh, dw = rgb.shape[:2]
     k = max(1, min(8, 320 // max(dh, dw, 1)))
+    ok = finite.any()
     return {
         "name": name,
         "shape": fmt_shape(shape),
-        "min": fmt_num(vmin) if finite.any() else "–",
-        "max": fmt_num(vmax) if finite.any() else "–",
+        "min": fmt_num(vmin) if ok else "–",
+        "mid": fmt_num((vmin + vmax) / 2) if ok else "–",
+        "max": fmt_num(vmax) if ok else "–",
         "nonfinite": int((~finite).sum()),
         "reduced": reduced,
-        "uri": uri,
+        "uri": _png_uri(rgb),
+        "bar": _colour_bar(),
         "width": dw * k,
         "height": dh * k,
     }
 
+
+# ---------------------------------------------------------------- pictures
+
+# Display boxes, CSS px. Pictures are shown at a whole multiple of their pixels (never
+# resampled: a resampled checkerboard shows moiré that is not in the output).
+PIC_BOX = 256  # each side-by-side picture (pictures.SIDE: reduced ones show 1:1)
+INPUT_BOX = 170  # the input, smaller
+FLIP_BOX = 512  # the picture that flips in place
+CROP_BOX = 192  # a 64 px full-resolution crop, 3 screen px per pixel
+
+
+def _fit(width: int, height: int, box: int) -> tuple[int, int]:
+    """Display size of a width x height picture: the largest whole multiple that fits a
+    box x box square, and never below 1:1."""
+    k = max(1, box // max(width, height, 1))
+    return width * k, height * k
+
+
+def _pictures(d: Diagnosis) -> list[dict[str, Any]]:
+    """Each picture of the Diagnosis as what the template shows: inline PNGs with their
+    display sizes, the figures in words, the crop's place on the picture in percent."""
+    several = len({p.quality.output for p in d.pictures}) > 1
+    out = []
+    for p in d.pictures:
+        q = p.quality
+        height, width = p.size
+        top, left, ch, cw = p.crop
+        w, h = _fit(p.torch.shape[1], p.torch.shape[0], PIC_BOX)
+        fw, fh = _fit(p.torch.shape[1], p.torch.shape[0], FLIP_BOX)
+        cropw, croph = _fit(cw, ch, CROP_BOX)
+        view = {
+            "case": q.case, "output": q.output if several else "", "quality": q,
+            "words": q.visibility.words,
+            "size": fmt_shape((height, width)), "reduced": p.reduced,
+            "torch": _png_uri(p.torch), "onnx": _png_uri(p.onnx), "diff": _png_uri(p.diff),
+            "w": w, "h": h, "fw": fw, "fh": fh,
+            "factor": fmt_factor(p.factor), "identical": not np.any(p.diff),
+            "crop": {"top": top, "left": left, "h": ch, "w": cw,
+                     "x": 100 * left / width, "y": 100 * top / height,
+                     "pw": 100 * cw / width, "ph": 100 * ch / height},
+            "crop_torch": _png_uri(p.crop_torch), "crop_onnx": _png_uri(p.crop_onnx),
+            "crop_diff": _png_uri(p.crop_diff), "cw": cropw, "ch": croph,
+            "input": None,
+        }
+        if p.input is not None:
+            iw, ih = _fit(p.input.shape[1], p.input.shape[0], INPUT_BOX)
+            view["input"] = {"uri": _png_uri(p.input), "w": iw, "h": ih}
+        out.append(view)
+    return out
 
 
 # ---------------------------------------------------------------- neighbourhood graph
@@ -583,7 +656,6 @@ def _neighbourhood(d: Diagnosis, fd: FirstDivergence | None) -> dict[str, Any] |
 
 HIST_BINS = 20
 HIST_FLOOR = 1e-9
-HISTOGRAM_PREFIX = "histogram:"
 _H_W, _H_H, _H_L, _H_R, _H_T, _H_B = 360, 170, 40, 10, 22, 34
 
 
@@ -702,7 +774,8 @@ def _histograms(d: Diagnosis) -> list[dict[str, Any]]:
                 out.append(h)
     for name, arr in (d.previews or {}).items():
         name = str(name)
-        if name.startswith(HISTOGRAM_PREFIX) or name in explicit:
+        # an explicit histogram stands for the maps named after it (a layer's channels)
+        if name.startswith(HISTOGRAM_PREFIX) or any(name.startswith(t) for t in explicit):
             continue
         h = _histogram(d, name, arr, explicit=False)
         if h is not None:

@@ -35,7 +35,8 @@ from .errors import LayerdiffError, UsageError
 from .footprint import Budget
 from .progress import Progress, stepper
 from .records import (
-    Alignment, CaseResult, DivergenceKind, FirstDivergence, InputSpec, LayerResult, LoadedModel,
+    Alignment, CaseResult, DivergenceKind, FirstDivergence, ImageQuality, InputSpec, LayerResult,
+    LoadedModel,
     Metrics, OutputResult, Referee, RefereeSide, Settings, TorchCall, Unmatched,
 )
 from .store import Spill, StoredList, TensorStore, current_rss, human_bytes
@@ -67,6 +68,7 @@ class CaseRun:
     output_noise: list[float] = field(default_factory=list)
     random_ops: tuple[tuple[str, str], ...] = ()  # capture_torch.TorchCapture.random_ops
     screened: bool = False  # only the outputs were compared (CaseRunner.screen)
+    images: tuple[ImageQuality, ...] = ()  # its image outputs as pictures (pictures.measure)
 
     @property
     def first_onnx(self) -> np.ndarray | None:
@@ -81,7 +83,7 @@ class CaseRun:
         worst = max((o.metrics.max_abs for o in self.outputs), default=None)
         where = f"{self.first.module or self.first.onnx_node} ({self.first.kind})" if self.first else ""
         return CaseResult(self.label, tuple(self.tensor.shape), verdict, self.kind, where, worst,
-                          note=note, layer_by_layer=not self.screened)
+                          note=note, layer_by_layer=not self.screened, images=self.images)
 
 
 @dataclass
@@ -194,7 +196,7 @@ class CaseRunner:
             result.kept.keep("first", first_onnx)
         return result
 
-    def screen(self, case: cases_.Case) -> CaseRun | None:
+    def screen(self, case: cases_.Case, number: int) -> CaseRun | None:
         """``case`` by its outputs alone: one plain forward on each side, no hooks and no
         exposed tensors (its own forwards' cost). None when that cannot be had: the
         whole-graph run would not fit --max-memory, or onnxruntime fails on it (the walk
@@ -213,9 +215,14 @@ class CaseRunner:
             return None
         outputs = judge.output_results(captured.outputs, plain, graph.outputs,
                                        rtol=s.rtol, atol=s.atol, models=captured.output_names)
+        # Kept for the pictures, within the store's budget like a walked input's outputs.
+        held = TensorStore(self.spill, ("outputs", number))
+        torch_outputs = StoredList(held, "torch", captured.outputs)
+        onnx_outputs = StoredList(held, "onnx", plain)
+        del plain
         empty = Alignment((), (), (), (), False)
         return CaseRun(case.label, case.kind, case.tensor, feeds, [], {}, empty, [], outputs,
-                       None, None, plain, captured.outputs, captured.input_mutated,
+                       None, None, onnx_outputs, torch_outputs, captured.input_mutated,
                        captured.training_modules, [], random_ops=captured.random_ops,
                        screened=True)
 
