@@ -147,6 +147,10 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol", type=float, help="relative tolerance (default 1e-3; fp16: 1e-2)")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5; fp16: 1e-3)")
     parser.add_argument("--json", metavar="PATH", help="also write the diagnosis as JSON")
+    parser.add_argument("--model-explorer", metavar="DIR",
+                        help="also write Model Explorer node data for the ONNX graph into DIR "
+                             "(total_error.json, own_error.json, status.json) and print the "
+                             "command that opens them")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow loading a fully pickled model (runs code from the file)")
     parser.add_argument("--ort-level", choices=ORT_LEVELS, default="all",
@@ -359,6 +363,36 @@ def _progress(args: argparse.Namespace):
     return progress
 
 
+def _explorer_outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The Model Explorer files --model-explorer DIR will write, for check_outputs."""
+    if not args.model_explorer:
+        return {}
+    from .model_explorer import paths
+
+    return {f"--model-explorer's {path.name}": path
+            for path in paths(args.model_explorer).values()}
+
+
+def _write_explorer(args: argparse.Namespace, diagnosis) -> dict[str, Path]:
+    if not args.model_explorer:
+        return {}
+    from . import model_explorer
+
+    return model_explorer.write(diagnosis, args.model_explorer)
+
+
+def _print_explorer(args: argparse.Namespace, diagnosis, written: dict[str, Path]) -> None:
+    if not args.model_explorer:
+        return
+    if not written:
+        print(f"model explorer: nothing written to {args.model_explorer} (no ONNX file to "
+              "show)")
+        return
+    from .model_explorer import command
+
+    print(f"model explorer: {command(diagnosis.onnx.path, written)}")
+
+
 def _report(args: argparse.Namespace) -> int:
     _check_numbers(args)
     from .models import output_stem  # torch-free: entry points are only parsed
@@ -375,7 +409,7 @@ def _report(args: argparse.Namespace) -> int:
     inputs = _given_inputs(args, args.onnx)
     files.check_inputs(inputs)
     files.check_outputs(
-        {"-o": report_path, "--json": args.json,
+        {"-o": report_path, "--json": args.json, **_explorer_outputs(args),
          **files.planned_outputs(stem, onnx=args.onnx, output_dir=output_dir,
                                  fp16=fp16, fix_fp16=args.fix_fp16, report=report_path)},
         inputs)
@@ -394,6 +428,7 @@ def _report(args: argparse.Namespace) -> int:
     render.write_html(diagnosis, output)
     if args.json:
         render.write_json(diagnosis, Path(args.json))
+    explorer = _write_explorer(args, diagnosis)
 
     if args.quiet:
         print(f"{diagnosis.verdict}: {output}")
@@ -405,6 +440,7 @@ def _report(args: argparse.Namespace) -> int:
             print(f"json:   {args.json}")
         if diagnosis.reproducer:
             print(f"minimal reproducer: {diagnosis.reproducer[0]} + {diagnosis.reproducer[1]}")
+        _print_explorer(args, diagnosis, explorer)
     if args.open:
         webbrowser.open(output.resolve().as_uri())
     return diagnosis.exit_code
@@ -414,9 +450,9 @@ def _convert(args: argparse.Namespace) -> int:
     _check_numbers(args)
     out = Path(args.output)
     report_path = Path(args.report) if args.report else out.with_name(out.stem + ".html")
-    if args.no_verify and (args.report or args.json):
+    if args.no_verify and (args.report or args.json or args.model_explorer):
         raise UsageError("--no-verify writes no report",
-                         hint="leave out --report and --json, or --no-verify")
+                         hint="leave out --report, --json and --model-explorer, or --no-verify")
     inputs = _given_inputs(args, None)
     files.check_inputs(inputs)
     planned = {"-o": out}
@@ -424,7 +460,7 @@ def _convert(args: argparse.Namespace) -> int:
         reproducer = files.reproducer_paths(report_path)
         planned.update({"--report": report_path, "--json": args.json,
                         "the reproducer's .onnx": reproducer[0],
-                        "the reproducer's .npz": reproducer[1]})
+                        "the reproducer's .npz": reproducer[1], **_explorer_outputs(args)})
     # Before torch is imported: never a file written over the model or an input.
     files.check_outputs(planned, inputs)
 
@@ -438,10 +474,12 @@ def _convert(args: argparse.Namespace) -> int:
         **_diagnosis_options(args),
     )
     d = conversion.diagnosis
+    explorer = {}
     if d is not None:
         render.write_html(d, report_path)
         if args.json:
             render.write_json(d, Path(args.json))
+        explorer = _write_explorer(args, d)
     verdict = {Verification.VERIFIED: "verified", Verification.NOT_VERIFIED: "not verified",
                Verification.FORCED: "NOT VERIFIED", Verification.FAILED: "NOT VERIFIED"}
     where = (f"wrote {conversion.path}" if conversion.path is not None
@@ -457,6 +495,8 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"report: {report_path}")
         if args.json:
             print(f"json:   {args.json}")
+        if not args.quiet:
+            _print_explorer(args, d, explorer)
     return conversion.exit_code
 
 
