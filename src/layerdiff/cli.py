@@ -159,8 +159,13 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
                         type=_config_entry,
                         help="onnxruntime session config entry you deploy with, e.g. "
                              "optimization.enable_gelu_approximation=1; repeatable")
-    parser.add_argument("--provider", default="CPUExecutionProvider",
-                        help="onnxruntime execution provider (default: CPUExecutionProvider)")
+    parser.add_argument("--provider", action="append", metavar="NAME",
+                        help="runtime to run the ONNX model on: an onnxruntime execution "
+                             "provider (CPUExecutionProvider, CUDAExecutionProvider, ...; "
+                             "cpu, cuda, tensorrt, dml), OpenVINO's own runtime (openvino, "
+                             "openvino-fp32), or all; repeatable: each is diagnosed and the "
+                             "report shows where they disagree (default: "
+                             "CPUExecutionProvider)")
     parser.add_argument("--max-memory", metavar="SIZE", type=_bytes,
                         help="memory the diagnosis may use, e.g. 6G or 512M (default: 4G, or "
                              "half the available memory when less); activations beyond it go "
@@ -350,7 +355,8 @@ def _diagnosis_options(args: argparse.Namespace) -> dict:
                 input_files=tuple(args.inputs), check_sizes=sizes, reference=args.reference,
                 rtol=args.rtol, atol=args.atol, trust_pickle=args.trust_pickle,
                 ort_level=args.ort_level, ort_config=dict(args.ort_config),
-                provider=args.provider, max_memory=args.max_memory, weights=args.weights)
+                provider=tuple(args.provider or ("CPUExecutionProvider",)),
+                max_memory=args.max_memory, weights=args.weights)
 
 
 def _progress(args: argparse.Namespace):

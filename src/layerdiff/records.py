@@ -517,7 +517,7 @@ class Settings:
     input_specs: tuple[InputSpec, ...]  # the model's inputs, at the main case's shapes
     seed: int
     ignore: tuple[str, ...]
-    provider: str = "CPUExecutionProvider"
+    provider: str = "CPUExecutionProvider"  # the runtime this diagnosis ran on (runtimes/)
     ort_level: str = "all"
     ort_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
     reference: str = "float64"  # "float64" referee run, or "none"
@@ -574,6 +574,36 @@ class ConversionLog:
 
 
 @dataclass(frozen=True)
+class RuntimeResult:
+    """How the model did on one runtime (``--provider``, several given): across_runtimes.py."""
+
+    runtime: str  # "CPUExecutionProvider", "openvino", ...
+    verdict: Verdict
+    first_divergence: str = ""  # "module (ONNX node)"; "" when none
+    onnx_node: str = ""
+    max_output_error: float | None = None  # largest |onnx - torch| of any output
+    failing_layers: int = 0  # layers whose total error fails (causes and propagated)
+    summary: str = ""
+    detail: str = ""  # what ran ("OpenVINO 2026.4.1 on CPU, inference precision bf16...")
+
+    def __post_init__(self) -> None:
+        _members(self, verdict=Verdict)
+
+
+@dataclass(frozen=True)
+class RuntimeDeparture:
+    """The first layer, in execution order, where some runtimes depart from PyTorch (its
+    total error fails) while others do not."""
+
+    module: str
+    onnx_node: str
+    op_type: str
+    departs: tuple[str, ...]  # runtimes whose value there fails
+    holds: tuple[str, ...]  # runtimes whose value there passes
+    errors: tuple[tuple[str, float | None], ...] = ()  # (runtime, max |onnx - torch|) there
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     verdict: Verdict
     summary: str
@@ -597,6 +627,11 @@ class Diagnosis:
     # Small arrays the report shows (|diff| of the first divergence, ...), never serialised.
     previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     conversion: ConversionLog | None = None  # set only by layerdiff convert
+    # Several runtimes (--provider given more than once, or all): each one's outcome, in
+    # the order given, and where they first disagree. The rest of the record is the
+    # diagnosis on settings.provider (the first runtime with the worst verdict).
+    runtimes: tuple[RuntimeResult, ...] = ()
+    runtime_departure: RuntimeDeparture | None = None
 
     def __post_init__(self) -> None:
         _members(self, verdict=Verdict)

@@ -33,6 +33,7 @@ from .align import align, misfit, unpair
 from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
+from .runtimes import Runtime
 from .records import (
     Alignment, CaseResult, DivergenceKind, FirstDivergence, InputSpec, LayerResult, LoadedModel,
     Metrics, OutputResult, Referee, RefereeSide, Settings, TorchCall, Unmatched,
@@ -103,9 +104,9 @@ class CaseRunner:
     """Runs inputs through both models; holds what every input shares."""
 
     def __init__(self, loaded: LoadedModel, graph: capture_onnx.OnnxGraph, settings: Settings,
-                 say: Progress, spill: Spill, budget: Budget) -> None:
+                 say: Progress, spill: Spill, budget: Budget, runtime: Runtime) -> None:
         self.loaded, self.graph, self.settings, self.say = loaded, graph, settings, say
-        self.spill, self.budget = spill, budget
+        self.spill, self.budget, self.runtime = spill, budget, runtime
         self._model64: Any = None
         # Checks left out because they would not fit --max-memory: check -> why.
         self.skipped: dict[str, str] = {}
@@ -194,7 +195,7 @@ class CaseRunner:
 
     def _runner(self, plan: list[segments.Segment], level: str) -> segments.Runner:
         s = self.settings
-        return segments.Runner(self.graph, plan, level=level, provider=s.provider,
+        return segments.Runner(self.graph, plan, level=level, runtime=self.runtime,
                                config=s.ort_config)
 
     def _first_pass(self, runner: segments.Runner, feeds: dict[str, np.ndarray],
@@ -376,8 +377,8 @@ class CaseRunner:
                           tuple(case.tensor.shape[-2:])):
             return None
         s = self.settings
-        plain = capture_onnx.run_plain(self.graph, case.feeds, level=s.ort_level,
-                                       provider=s.provider, config=s.ort_config)
+        plain = capture_onnx.run_plain(self.graph, case.feeds, self.runtime, level=s.ort_level,
+                                       config=s.ort_config)
         return max((_largest_diff(a, b) if a.size else 0.0
                     for a, b in zip(plain, case.final_outputs)), default=0.0)
 
