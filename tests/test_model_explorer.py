@@ -9,6 +9,13 @@ must be those its ONNX adapter gives the graph, and the files must load into its
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -180,3 +187,65 @@ def test_model_explorer_folder_is_checked_before_any_work(tmp_path, capsys):
                  "-o", str(tmp_path / "r.html"), "--model-explorer", str(blocker)])
     assert code == 2
     assert "--model-explorer" in capsys.readouterr().err
+
+
+CHROMIUM = os.environ.get("LAYERDIFF_CHROMIUM", "/usr/bin/chromium")
+
+
+def test_model_explorer_itself_shows_the_files_on_the_graph(tmp_path, capsys):
+    """The real thing: Model Explorer's server and web app (headless Chromium) open the
+    faulty file with the three files, and its node table lists them per node."""
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"chromium not found at {CHROMIUM}: apt-get install chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    config_module = pytest.importorskip("model_explorer.config")
+    pytest.importorskip("model_explorer_onnx")
+    server_bin = Path(sys.executable).with_name("model-explorer")
+    if not server_bin.is_file():
+        pytest.skip("the model-explorer command is not installed next to this python")
+    faulty = SAMPLES / "compact_x4_dcr.onnx"
+    _, _, _, _, folder = _report(tmp_path, capsys, faulty)
+    files = [folder / f"{kind}.json" for kind in model_explorer.KINDS]
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(server_bin), "--extensions=model_explorer_onnx", str(faulty),
+         "--node_data_paths=" + ",".join(map(str, files)), "--no_open_in_browser",
+         "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        config = config_module.ModelExplorerConfig().add_model_from_path(str(faulty))
+        for path in files:
+            config.add_node_data_from_path(str(path))
+        url = f"http://localhost:{port}/?data={config.to_url_param_value()}"
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--use-gl=swiftshader",
+                                               "--enable-unsafe-swiftshader"])
+            try:
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                text, loaded = "", False
+                for _ in range(120):  # the server starts, then the app loads the graph
+                    try:
+                        if not loaded:
+                            page.goto(url)
+                            loaded = True
+                        text = page.inner_text("body")
+                    except sync_api.Error:  # the server is not listening yet
+                        pass
+                    if re.search(r"DepthToSpace\t\S+\t\S+\t5\b", text):
+                        break
+                    time.sleep(1)
+            finally:
+                browser.close()
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    for name in ("layerdiff total error", "layerdiff own error", "layerdiff status"):
+        assert name in text
+    # The diverging node: its total and own error, and status 5 (first divergence).
+    assert re.search(r"DepthToSpace\t1\.4\d*\t1\.4\d*\t5\b", text), text[-3000:]
