@@ -110,6 +110,9 @@ def test_openvino_at_its_default_precision_departs_where_the_cpu_provider_holds(
     assert dep["onnx_node"] == first_conv["onnx_node"]  # bf16 shows at the first conv
     assert dep["max_abs"]["openvino"] > 100 * dep["max_abs"]["CPUExecutionProvider"]
     assert data["settings"]["provider"] == "openvino"
+    assert data["facts"]["runtime_precision"] in ("bf16", "f16")
+    rule = next(s for s in data["suggestions"] if s["rule"] == "runtime_precision")
+    assert "--provider openvino-fp32" in rule["fix"]
     assert "openvino departs from PyTorch first at" in out and "runtimes:" in out
     html = report.read_text()
     assert 'id="runtimes"' in html and "departs" in html
@@ -125,3 +128,11 @@ def test_one_runtime_keeps_the_json_keys_empty(tmp_path, capsys):
     assert data["settings"]["provider"] == "openvino-fp32"
     # onnxruntime's own checks do not apply, and the report says so.
     assert any("onnxruntime's and were not used" in n for n in data["notes"])
+    assert data["facts"]["runtime_precision"] == "f32"
+
+
+def test_at_float32_a_fault_is_not_blamed_on_precision():
+    d = diagnose(str(MODEL), str(FAULTY), provider="openvino-fp32", **FAST)
+    assert d.verdict == "diverged" and d.facts.runtime_precision == "f32"
+    assert "runtime_precision" not in [s.rule for s in d.suggestions]
+    assert "pixel_shuffle_layout" in [s.rule for s in d.suggestions]

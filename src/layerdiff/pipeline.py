@@ -367,6 +367,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
                                else runner.instrumentation_delta(main)),
         export_size=export_size,
         segments=len(main.plan),
+        runtime_precision=runner.runtime.precision(),
     )
     if verdict == Verdict.DIVERGED and ort_level != "disable" and first_case is not None \
             and first_case.failure is None and runner.runtime.onnxruntime:

@@ -506,6 +506,9 @@ class Facts:
     # the checks skipped because they would not fit Settings.max_memory.
     forward_memory: int | None = None
     skipped_for_memory: tuple[str, ...] = ()
+    # The precision a runtime computed the model at when it chose one itself (OpenVINO's
+    # inference precision: "bf16", "f16", "f32"); "" when it runs the file's types.
+    runtime_precision: str = ""
 
 
 @dataclass(frozen=True)

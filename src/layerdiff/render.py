@@ -333,6 +333,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "segments": int(f.segments),
         "forward_memory": f.forward_memory,
         "skipped_for_memory": list(f.skipped_for_memory),
+        "runtime_precision": f.runtime_precision,
     }
 
     return {

@@ -57,3 +57,8 @@ class Runtime(Protocol):
     def describe(self) -> str:
         """What ran, for the report's notes ("" when the name says it all)."""
         ...
+
+    def precision(self) -> str:
+        """The precision the runtime chose to compute float32 at ("bf16", "f16", "f32"),
+        once a session was made; "" when it computes in the file's own types."""
+        ...

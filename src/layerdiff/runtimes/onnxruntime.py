@@ -52,6 +52,9 @@ class OnnxRuntime:
     def describe(self) -> str:
         return ""
 
+    def precision(self) -> str:
+        return ""
+
     def check(self) -> None:
         """A UsageError when onnxruntime does not really run ``name`` here."""
         try:

@@ -114,8 +114,11 @@ class OpenVino:
         self._seen.setdefault("precision", getattr(precision, "to_string", lambda: str(precision))())
         return OpenVinoSession(compiled, inputs, outputs)
 
+    def precision(self) -> str:
+        return self._seen.get("precision", "")
+
     def describe(self) -> str:
-        precision = self._seen.get("precision", "")
+        precision = self.precision()
         hints = ", ".join(f"{k}={v}" for k, v in self.properties)
         return (f"OpenVINO {version()} on {self.device}"
                 + (f", inference precision {precision}" if precision else "")
