@@ -34,7 +34,7 @@ def outcome(name: str, run: Diagnosis | LayerdiffError) -> RuntimeResult:
         max_output_error=max(errors) if errors else None,
         failing_layers=sum(1 for l in run.layers if not l.ignored and l.status in _DEPARTED),
         summary=run.error or run.summary,
-        detail=next((n for n in run.notes if n.startswith("Ran on ")), ""))
+        detail=run.facts.runtime_detail)
 
 
 def departure(runs: list[tuple[str, Diagnosis]]) -> RuntimeDeparture | None:
@@ -74,10 +74,10 @@ def departure(runs: list[tuple[str, Diagnosis]]) -> RuntimeDeparture | None:
 
 
 def combine(runs: list[tuple[str, Diagnosis | LayerdiffError]],
-            exported: OnnxSource | None = None) -> Diagnosis:
+            source: OnnxSource | None = None) -> Diagnosis:
     """One Diagnosis for several runtimes: the first diagnosis with the worst verdict,
-    with every runtime's outcome and their first disagreement. ``exported``: the file
-    the first run exported (later runs were given it as a file)."""
+    with every runtime's outcome and their first disagreement. ``source``: the file as
+    the first run described it (it exported or converted it; later runs were given it)."""
     results = tuple(outcome(name, run) for name, run in runs)
     diagnosed = [(name, run) for name, run in runs if isinstance(run, Diagnosis)]
     worst = max((r.verdict for r in results), key=_WORSE.__getitem__)
@@ -95,7 +95,4 @@ def combine(runs: list[tuple[str, Diagnosis | LayerdiffError]],
         f"{primary.settings.provider}.",)
     combined = replace(primary, verdict=worst, summary=f"{lead} {primary.summary}",
                        runtimes=results, runtime_departure=where, notes=notes)
-    if exported is not None:
-        combined = replace(combined, onnx=replace(exported, path=primary.onnx.path)
-                           if primary.onnx is not None else exported)
-    return combined
+    return combined if source is None else replace(combined, onnx=source)

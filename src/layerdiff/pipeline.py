@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import platform
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -89,10 +90,10 @@ def diagnose(
     reproducer = opts.reproducer_for
     for name in names:
         say(f"runtime {name}")
-        # The first run exports (when asked) and writes --fix-fp16; the others diagnose
-        # that same file. The reproducer comes from the first run that diverges.
+        # The first run exports or converts (when asked) and writes --fix-fp16; the others
+        # diagnose the file it ran. The reproducer comes from the first run that diverges.
         once = {} if first is None else {"fix_fp16": None}
-        given = onnx if onnx is not None or first is None else first.onnx.path
+        given = onnx if first is None or first.onnx is None else first.onnx.path
         try:
             d = _diagnose(model, given, inputs,
                           replace(opts, provider=name, reproducer_for=reproducer, **once),
@@ -105,7 +106,7 @@ def diagnose(
         first = first or d
         reproducer = None if d.reproducer is not None else reproducer
         runs.append((name, d))
-    return across_runtimes.combine(runs, exported=first.onnx if onnx is None else None)
+    return across_runtimes.combine(runs, source=first.onnx)
 
 
 def _diagnose(model, onnx, inputs, opts: Options, progress: Progress | None) -> Diagnosis:
@@ -368,6 +369,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
         export_size=export_size,
         segments=len(main.plan),
         runtime_precision=runner.runtime.precision(),
+        runtime_detail=runner.runtime.describe(),
     )
     if verdict == Verdict.DIVERGED and ort_level != "disable" and first_case is not None \
             and first_case.failure is None and runner.runtime.onnxruntime:
@@ -456,6 +458,10 @@ def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
         found["spandrel"] = spandrel.__version__
     except (ImportError, AttributeError):
         pass
+    if "openvino" in sys.modules:  # imported only when a runtime used it
+        from .runtimes import openvino
+
+        found["openvino"] = openvino.version()
     if graph is not None and graph.opset is not None:
         found["opset"] = str(graph.opset)
     return found

@@ -509,6 +509,7 @@ class Facts:
     # The precision a runtime computed the model at when it chose one itself (OpenVINO's
     # inference precision: "bf16", "f16", "f32"); "" when it runs the file's types.
     runtime_precision: str = ""
+    runtime_detail: str = ""  # what ran, when not onnxruntime: "OpenVINO 2026.4.1 on CPU, ..."
 
 
 @dataclass(frozen=True)

@@ -334,6 +334,7 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "forward_memory": f.forward_memory,
         "skipped_for_memory": list(f.skipped_for_memory),
         "runtime_precision": f.runtime_precision,
+        "runtime_detail": f.runtime_detail,
     }
 
     return {
