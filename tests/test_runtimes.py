@@ -131,6 +131,20 @@ def test_one_runtime_keeps_the_json_keys_empty(tmp_path, capsys):
     assert data["facts"]["runtime_precision"] == "f32"
 
 
+def test_bfloat16_is_below_a_float16_file_too(tmp_path):
+    what = _ov_default_precision()
+    if "precision bf16" not in what:
+        pytest.skip(f"OpenVINO does not take bfloat16 on this CPU by default ({what})")
+    # The float16 file layerdiff makes from the clean one: float16 passes on the CPU
+    # provider at the float16 tolerances, OpenVINO's bfloat16 does not.
+    d = diagnose(str(MODEL), str(CLEAN), provider=("cpu", "openvino"), fp16=True,
+                 output_dir=tmp_path, **FAST)
+    assert [(r.runtime, r.verdict) for r in d.runtimes] == [
+        ("CPUExecutionProvider", "pass"), ("openvino", "diverged")]
+    assert d.runtime_departure.departs == ("openvino",)
+    assert "runtime_precision" in [s.rule for s in d.suggestions]
+
+
 def test_at_float32_a_fault_is_not_blamed_on_precision():
     d = diagnose(str(MODEL), str(FAULTY), provider="openvino-fp32", **FAST)
     assert d.verdict == "diverged" and d.facts.runtime_precision == "f32"
