@@ -187,6 +187,12 @@ def test_model_explorer_folder_is_checked_before_any_work(tmp_path, capsys):
                  "-o", str(tmp_path / "r.html"), "--model-explorer", str(blocker)])
     assert code == 2
     assert "--model-explorer" in capsys.readouterr().err
+    # Nor the path of another output.
+    code = main(["report", str(MODEL), "--onnx", str(SAMPLES / "compact_x4.onnx"),
+                 "-o", str(tmp_path / "r.html"), "--model-explorer", str(tmp_path / "r.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and "same file" in err and "--model-explorer" in err
+    assert not (tmp_path / "r.html").exists()
 
 
 CHROMIUM = os.environ.get("LAYERDIFF_CHROMIUM", "/usr/bin/chromium")

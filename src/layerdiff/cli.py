@@ -375,8 +375,11 @@ def _explorer_outputs(args: argparse.Namespace) -> dict[str, Path]:
         return {}
     from .model_explorer import paths
 
-    return {f"--model-explorer's {path.name}": path
-            for path in paths(args.model_explorer).values()}
+    folder = Path(args.model_explorer)
+    # A folder to be made must not be another output's path (-o out/r.html twice).
+    made = {} if folder.is_dir() else {"--model-explorer": folder}
+    return {**made, **{f"--model-explorer's {path.name}": path
+                       for path in paths(folder).values()}}
 
 
 def _write_explorer(args: argparse.Namespace, diagnosis) -> dict[str, Path]:
