@@ -424,6 +424,8 @@ OPTION_VALUES = {
     "--json": st.sampled_from(["out/d.json", "out", "out/sub/d.json", "t.onnx", "m.pth"]),
     "-o": st.sampled_from(["out/r.html", "out", "out/r", "out/sub/x.html", "m.pth"]),
     "--fix-fp16": st.sampled_from(["out/f.onnx", "out", "t.onnx"]),
+    # A folder: its files must land under "out", or be refused (an input file, a file).
+    "--model-explorer": st.sampled_from(["out/me", "out", "out/r.html", "t.onnx", "m.pth"]),
     "--input": st.sampled_from(["in.npy", "missing.npy", "out", "t.onnx", "m.pth"]),
     "--onnx": st.sampled_from(["t.onnx", "m.pth", "missing.onnx", "out", "in.npy"]),
 }

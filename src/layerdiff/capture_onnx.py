@@ -1,9 +1,10 @@
-"""Read an ONNX graph; build onnxruntime sessions; read onnxruntime's failures.
+"""Read an ONNX graph; onnxruntime's own features (optimisation levels, session config,
+the optimised model); read a runtime's failures.
 
-With segments.py, the only module that imports onnx-graphsurgeon and onnxruntime. It
-hands the aligner a plain view of the graph (``OnnxGraph``); segments.py runs that
-graph in pieces with the aligned tensors exposed. A node that fails at run time is
-located from onnxruntime's message (``_failure``).
+With segments.py and runtimes/, the only modules that import onnx-graphsurgeon and
+onnxruntime. It hands the aligner a plain view of the graph (``OnnxGraph``); segments.py
+runs that graph in pieces with the aligned tensors exposed, on a runtime (runtimes/). A
+node that fails at run time is located from onnxruntime's message (``_failure``).
 """
 
 from __future__ import annotations
@@ -318,29 +319,30 @@ def save_optimised(source: str | Path, target: str | Path, level: str = "basic")
         raise OnnxLoadError(f"onnxruntime cannot optimise the file: {first_line(exc)}") from None
 
 
-def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], *, level: str = "all",
-              provider: str = "CPUExecutionProvider",
+def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], runtime, *, level: str = "all",
               config: tuple[tuple[str, str], ...] = ()) -> list[np.ndarray]:
-    """Run the model as the user would: no marked outputs (PlainRunner, used once)."""
-    return PlainRunner(graph, level=level, provider=provider, config=config).run(feeds)
+    """Run the model as the user would, on ``runtime`` (runtimes.Runtime): no marked
+    outputs (PlainRunner, used once)."""
+    return PlainRunner(graph, runtime, level=level, config=config).run(feeds)
 
 
 class PlainRunner:
-    """The model as the user runs it (no marked outputs), its session made on the first
-    run and kept for the next. Without onnxruntime's CPU arena (it changes no value): the
-    arena grows in powers of two and kept ESRGAN at 1568 px some 2 GiB above what the
-    run needs. Raises OnnxLoadError when onnxruntime cannot load the model, and
-    onnxruntime's own exception when a run fails."""
+    """The model as the user runs it on ``runtime`` (no marked outputs), its session made
+    on the first run and kept for the next. Without onnxruntime's CPU arena (it changes no
+    value): the arena grows in powers of two and kept ESRGAN at 1568 px some 2 GiB above
+    what the run needs. Raises OnnxLoadError when the runtime cannot load the model, and
+    the runtime's own exception when a run fails."""
 
-    def __init__(self, graph: OnnxGraph, *, level: str, provider: str,
+    def __init__(self, graph: OnnxGraph, runtime, *, level: str,
                  config: tuple[tuple[str, str], ...] = ()) -> None:
-        self._graph, self._level, self._provider, self._config = graph, level, provider, config
-        self._session: ort.InferenceSession | None = None
+        self._graph, self._runtime, self._level, self._config = graph, runtime, level, config
+        self._session = None
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self._session is None:
-            self._session = _session(self._graph.model.SerializeToString(), self._level,
-                                     self._provider, self._config, arena=False)
+            self._session = self._runtime.session(self._graph.model.SerializeToString(),
+                                                  level=self._level, config=self._config,
+                                                  arena=False)
         return self._session.run(None, feeds)
 
 
@@ -355,18 +357,12 @@ def _exposing(graph: OnnxGraph, name: str) -> bytes:
     return gs.export_onnx(g).SerializeToString()
 
 
-def check_runtime(provider: str, level: str, config: tuple[tuple[str, str], ...]) -> None:
-    """Refuse, before any work, a provider onnxruntime does not have (it would silently
-    run on the CPU while the report named the provider) and session config entries it
-    rejects (which would otherwise be blamed on the ONNX file)."""
+def check_config(provider: str, level: str, config: tuple[tuple[str, str], ...]) -> None:
+    """Refuse, before any work, session config entries onnxruntime rejects with
+    ``provider`` (they would otherwise be blamed on the ONNX file). The provider itself
+    is checked by runtimes.get."""
     from .errors import UsageError
 
-    available = ort.get_available_providers()
-    if provider not in available:
-        raise UsageError(f"execution provider '{provider}' is not available in this "
-                         f"onnxruntime {ort.__version__}",
-                         hint="available: " + ", ".join(available) + " (other providers come "
-                              "with other onnxruntime packages, e.g. onnxruntime-gpu)")
     if not config:
         return
     probe = _probe_model()
@@ -407,19 +403,7 @@ def _options(level: str, config: tuple[tuple[str, str], ...], *,
     return options
 
 
-def _session(model: bytes, level: str, provider: str,
-             config: tuple[tuple[str, str], ...] = (), *, arena: bool = True) -> ort.InferenceSession:
-    options = _options(level, config, arena=arena)
-    try:
-        return ort.InferenceSession(model, options, providers=[provider])
-    except Exception as exc:
-        raise OnnxLoadError(
-            f"onnxruntime cannot load the model: {first_line(exc)}",
-            hint="check the opset and custom ops; `python -m onnx.checker` may say more",
-        ) from exc
-
-
-def _needed(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict:
+def _needed(session, feeds: dict[str, np.ndarray]) -> dict:
     names = {i.name for i in session.get_inputs()}
     return {k: v for k, v in feeds.items() if k in names}
 

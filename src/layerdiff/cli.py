@@ -187,6 +187,10 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol", type=float, help="relative tolerance (default 1e-3; fp16: 1e-2)")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5; fp16: 1e-3)")
     parser.add_argument("--json", metavar="PATH", help="also write the diagnosis as JSON")
+    parser.add_argument("--model-explorer", metavar="DIR",
+                        help="also write Model Explorer node data for the ONNX graph into DIR "
+                             "(total_error.json, own_error.json, status.json) and print the "
+                             "command that opens them")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow loading a fully pickled model (runs code from the file)")
     parser.add_argument("--ort-level", choices=ORT_LEVELS, default="all",
@@ -195,8 +199,13 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
                         type=_config_entry,
                         help="onnxruntime session config entry you deploy with, e.g. "
                              "optimization.enable_gelu_approximation=1; repeatable")
-    parser.add_argument("--provider", default="CPUExecutionProvider",
-                        help="onnxruntime execution provider (default: CPUExecutionProvider)")
+    parser.add_argument("--provider", action="append", metavar="NAME",
+                        help="runtime to run the ONNX model on: an onnxruntime execution "
+                             "provider (CPUExecutionProvider, CUDAExecutionProvider, ...; "
+                             "cpu, cuda, tensorrt, dml), OpenVINO's own runtime (openvino, "
+                             "openvino-fp32), or all; repeatable: each is diagnosed and the "
+                             "report shows where they disagree (default: "
+                             "CPUExecutionProvider)")
     parser.add_argument("--max-memory", metavar="SIZE", type=_bytes,
                         help="memory the diagnosis may use, e.g. 6G or 512M (default: 4G, or "
                              "half the available memory when less); activations beyond it go "
@@ -393,7 +402,8 @@ def _diagnosis_options(args: argparse.Namespace) -> dict:
                 reference=args.reference,
                 rtol=args.rtol, atol=args.atol, trust_pickle=args.trust_pickle,
                 ort_level=args.ort_level, ort_config=dict(args.ort_config),
-                provider=args.provider, max_memory=args.max_memory, weights=args.weights)
+                provider=tuple(args.provider or ("CPUExecutionProvider",)),
+                max_memory=args.max_memory, weights=args.weights)
 
 
 @contextlib.contextmanager
@@ -412,6 +422,39 @@ def _progress(args: argparse.Namespace):
         progress.close()
 
 
+def _explorer_outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The Model Explorer files --model-explorer DIR will write, for check_outputs."""
+    if not args.model_explorer:
+        return {}
+    from .model_explorer import paths
+
+    folder = Path(args.model_explorer)
+    # A folder to be made must not be another output's path (-o out/r.html twice).
+    made = {} if folder.is_dir() else {"--model-explorer": folder}
+    return {**made, **{f"--model-explorer's {path.name}": path
+                       for path in paths(folder).values()}}
+
+
+def _write_explorer(args: argparse.Namespace, diagnosis) -> dict[str, Path]:
+    if not args.model_explorer:
+        return {}
+    from . import model_explorer
+
+    return model_explorer.write(diagnosis, args.model_explorer)
+
+
+def _print_explorer(args: argparse.Namespace, diagnosis, written: dict[str, Path]) -> None:
+    if not args.model_explorer:
+        return
+    if not written:
+        print(f"model explorer: nothing written to {args.model_explorer} (no ONNX file to "
+              "show)")
+        return
+    from .model_explorer import command
+
+    print(f"model explorer: {command(diagnosis.onnx.path, written)}")
+
+
 def _report(args: argparse.Namespace) -> int:
     _check_numbers(args)
     from .models import output_stem  # torch-free: entry points are only parsed
@@ -428,7 +471,7 @@ def _report(args: argparse.Namespace) -> int:
     inputs = _given_inputs(args, args.onnx)
     files.check_inputs(inputs)
     files.check_outputs(
-        {"-o": report_path, "--json": args.json,
+        {"-o": report_path, "--json": args.json, **_explorer_outputs(args),
          **files.planned_outputs(stem, onnx=args.onnx, output_dir=output_dir,
                                  fp16=fp16, fix_fp16=args.fix_fp16, report=report_path)},
         inputs)
@@ -448,6 +491,7 @@ def _report(args: argparse.Namespace) -> int:
     render.write_html(diagnosis, output)
     if args.json:
         render.write_json(diagnosis, Path(args.json))
+    explorer = _write_explorer(args, diagnosis)
 
     if args.quiet:
         print(f"{diagnosis.verdict}: {output}")
@@ -459,6 +503,7 @@ def _report(args: argparse.Namespace) -> int:
             print(f"json:   {args.json}")
         if diagnosis.reproducer:
             print(f"minimal reproducer: {diagnosis.reproducer[0]} + {diagnosis.reproducer[1]}")
+        _print_explorer(args, diagnosis, explorer)
     if args.open:
         webbrowser.open(output.resolve().as_uri())
     return diagnosis.exit_code
@@ -468,9 +513,9 @@ def _convert(args: argparse.Namespace) -> int:
     _check_numbers(args)
     out = Path(args.output)
     report_path = Path(args.report) if args.report else out.with_name(out.stem + ".html")
-    if args.no_verify and (args.report or args.json):
+    if args.no_verify and (args.report or args.json or args.model_explorer):
         raise UsageError("--no-verify writes no report",
-                         hint="leave out --report and --json, or --no-verify")
+                         hint="leave out --report, --json and --model-explorer, or --no-verify")
     inputs = _given_inputs(args, None)
     files.check_inputs(inputs)
     planned = {"-o": out}
@@ -478,7 +523,7 @@ def _convert(args: argparse.Namespace) -> int:
         reproducer = files.reproducer_paths(report_path)
         planned.update({"--report": report_path, "--json": args.json,
                         "the reproducer's .onnx": reproducer[0],
-                        "the reproducer's .npz": reproducer[1]})
+                        "the reproducer's .npz": reproducer[1], **_explorer_outputs(args)})
     # Before torch is imported: never a file written over the model or an input.
     files.check_outputs(planned, inputs)
 
@@ -493,10 +538,12 @@ def _convert(args: argparse.Namespace) -> int:
             reproducer_for=None if args.no_verify else report_path, **_diagnosis_options(args),
         )
     d = conversion.diagnosis
+    explorer = {}
     if d is not None:
         render.write_html(d, report_path)
         if args.json:
             render.write_json(d, Path(args.json))
+        explorer = _write_explorer(args, d)
     verdict = {Verification.VERIFIED: "verified", Verification.NOT_VERIFIED: "not verified",
                Verification.FORCED: "NOT VERIFIED", Verification.FAILED: "NOT VERIFIED"}
     where = (f"wrote {conversion.path}" if conversion.path is not None
@@ -514,6 +561,8 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"report: {report_path}")
         if args.json:
             print(f"json:   {args.json}")
+        if not args.quiet:
+            _print_explorer(args, d, explorer)
     return conversion.exit_code
 
 

@@ -96,7 +96,8 @@ class Options:
     weights: str | Path | None = None
     ort_level: str = "all"
     ort_config: dict[str, str] | None = None
-    provider: str = "CPUExecutionProvider"
+    # One runtime, or several (each diagnosed, then compared); "all": every one here.
+    provider: str | tuple[str, ...] = "CPUExecutionProvider"
     reproducer_for: str | Path | None = None  # the report's path: reproducer beside it
     max_memory: int | None = None  # bytes; None: store.default_max_memory()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import platform
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, reproducer as repro
-from . import files, footprint as forward_memory, pictures as pictures_, preflight, quality
+from . import (across_runtimes, files, footprint as forward_memory, pictures as pictures_,
+               preflight, quality, runtimes)
 from . import store as memory
 from .align import align
 from .compare import CHUNK
@@ -72,9 +74,43 @@ def diagnose(
     LayerdiffError for input the user must fix. With ``reproducer_for`` (the report's
     path) and a numeric first divergence, the minimal reproducer is written next to it.
     ``weights``: a state dict file loaded into the module a Python entry point builds.
+    ``provider``: the runtime (runtimes/: an onnxruntime execution provider, OpenVINO),
+    or several, or "all": each is diagnosed in a run of its own (PyTorch runs again for
+    each) and the Diagnosis is the first with the worst verdict, with every runtime's
+    outcome in ``runtimes`` and where they first disagree in ``runtime_departure``.
     """
     opts = replace(options or Options(), **settings)
     opts.check()
+    names = runtimes.resolve(opts.provider)
+    if len(names) == 1:
+        return _diagnose(model, onnx, inputs, replace(opts, provider=names[0]), progress)
+    say = progress or (lambda _msg: None)
+    runs: list[tuple[str, Diagnosis | LayerdiffError]] = []
+    first: Diagnosis | None = None
+    reproducer = opts.reproducer_for
+    for name in names:
+        say(f"runtime {name}")
+        # The first run exports or converts (when asked) and writes --fix-fp16; the others
+        # diagnose the file it ran. The reproducer comes from the first run that diverges.
+        once = {} if first is None else {"fix_fp16": None}
+        given = onnx if first is None or first.onnx is None else first.onnx.path
+        try:
+            d = _diagnose(model, given, inputs,
+                          replace(opts, provider=name, reproducer_for=reproducer, **once),
+                          progress)
+        except LayerdiffError as exc:
+            if first is None:
+                raise
+            runs.append((name, exc))
+            continue
+        first = first or d
+        reproducer = None if d.reproducer is not None else reproducer
+        runs.append((name, d))
+    return across_runtimes.combine(runs, source=first.onnx)
+
+
+def _diagnose(model, onnx, inputs, opts: Options, progress: Progress | None) -> Diagnosis:
+    """diagnose() on one runtime, ``opts.provider``."""
     rtol = opts.rtol if opts.rtol is not None else (1e-2 if opts.fp16 else 1e-3)
     atol = opts.atol if opts.atol is not None else (1e-3 if opts.fp16 else 1e-5)
     say = progress or silent
@@ -83,7 +119,10 @@ def diagnose(
                          hint="use one of: " + ", ".join(capture_onnx.LEVELS))
     if opts.reference not in ("float64", "none"):
         raise UsageError(f"unknown reference '{opts.reference}'", hint="use float64 or none")
-    capture_onnx.check_runtime(opts.provider, opts.ort_level, tuple((opts.ort_config or {}).items()))
+    runtime = runtimes.get(opts.provider)
+    if runtime.onnxruntime:
+        capture_onnx.check_config(runtime.name, opts.ort_level,
+                                  tuple((opts.ort_config or {}).items()))
     files_in = tuple(opts.input_files) + ((str(opts.input_data),) if opts.input_data else ())
     given = files.given_inputs(_model_file(model), onnx, files_in, weights=opts.weights)
 
@@ -160,7 +199,7 @@ def diagnose(
     # nearby aligned one instead, rather than no other size at all.
     instead = cases_.retries(specs, opts.seed, sizes) if opts.check_sizes is None else {}
     with memory.Spill(store_bytes) as spill:
-        runner = CaseRunner(loaded, graph, settings, say, spill, budget)
+        runner = CaseRunner(loaded, graph, settings, say, spill, budget, runtime)
         diagnosis = _run_cases(runner, loaded, source, graph, settings, notes, case_list,
                                main_values, out, fp32_path, opts.fix_fp16, export_size,
                                opts.reproducer_for, instead)
@@ -169,6 +208,10 @@ def diagnose(
     facts = replace(facts, forward_memory=forward or None,
                     skipped_for_memory=tuple(runner.skipped))
     notes = list(diagnosis.notes) + list(runner.skipped.values())
+    if not runtime.onnxruntime:
+        notes.append(f"Ran on {runtime.describe()}. --ort-level, --ort-config, the re-check "
+                     "with onnxruntime's graph optimisations off and the rewrite lookup are "
+                     "onnxruntime's and were not used.")
     size = memory.human_bytes
     if facts.spilled_bytes:
         notes.append(f"{size(facts.spilled_bytes)} of PyTorch activations went to a temporary "
@@ -327,9 +370,11 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
                                else runner.instrumentation_delta(main)),
         export_size=export_size,
         segments=len(main.plan),
+        runtime_precision=runner.runtime.precision(),
+        runtime_detail=runner.runtime.describe(),
     )
     if verdict == Verdict.DIVERGED and ort_level != "disable" and first_case is not None \
-            and first_case.failure is None:
+            and first_case.failure is None and runner.runtime.onnxruntime:
         say("re-running with onnxruntime graph optimisations off")
         vanishes = runner.passes_unoptimised(first_case)
         facts = replace(facts, vanishes_without_ort_optimisation=vanishes,
@@ -429,6 +474,10 @@ def versions(graph: capture_onnx.OnnxGraph | None = None) -> dict[str, str]:
         found["spandrel"] = spandrel.__version__
     except (ImportError, AttributeError):
         pass
+    if "openvino" in sys.modules:  # imported only when a runtime used it
+        from .runtimes import openvino
+
+        found["openvino"] = openvino.version()
     if graph is not None and graph.opset is not None:
         found["opset"] = str(graph.opset)
     return found

@@ -573,6 +573,10 @@ class Facts:
     # the checks skipped because they would not fit Settings.max_memory.
     forward_memory: int | None = None
     skipped_for_memory: tuple[str, ...] = ()
+    # The precision a runtime computed the model at when it chose one itself (OpenVINO's
+    # inference precision: "bf16", "f16", "f32"); "" when it runs the file's types.
+    runtime_precision: str = ""
+    runtime_detail: str = ""  # what ran, when not onnxruntime: "OpenVINO 2026.4.1 on CPU, ..."
 
 
 @dataclass(frozen=True)
@@ -584,7 +588,7 @@ class Settings:
     input_specs: tuple[InputSpec, ...]  # the model's inputs, at the main case's shapes
     seed: int
     ignore: tuple[str, ...]
-    provider: str = "CPUExecutionProvider"
+    provider: str = "CPUExecutionProvider"  # the runtime this diagnosis ran on (runtimes/)
     ort_level: str = "all"
     ort_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries
     reference: str = "float64"  # "float64" referee run, or "none"
@@ -648,6 +652,36 @@ HISTOGRAM_PREFIX = "histogram:"
 
 
 @dataclass(frozen=True)
+class RuntimeResult:
+    """How the model did on one runtime (``--provider``, several given): across_runtimes.py."""
+
+    runtime: str  # "CPUExecutionProvider", "openvino", ...
+    verdict: Verdict
+    first_divergence: str = ""  # "module (ONNX node)"; "" when none
+    onnx_node: str = ""
+    max_output_error: float | None = None  # largest |onnx - torch| of any output
+    failing_layers: int = 0  # layers whose total error fails (causes and propagated)
+    summary: str = ""
+    detail: str = ""  # what ran ("OpenVINO 2026.4.1 on CPU, inference precision bf16...")
+
+    def __post_init__(self) -> None:
+        _members(self, verdict=Verdict)
+
+
+@dataclass(frozen=True)
+class RuntimeDeparture:
+    """The first layer, in execution order, where some runtimes depart from PyTorch (its
+    total error fails) while others do not."""
+
+    module: str
+    onnx_node: str
+    op_type: str
+    departs: tuple[str, ...]  # runtimes whose value there fails
+    holds: tuple[str, ...]  # runtimes whose value there passes
+    errors: tuple[tuple[str, float | None], ...] = ()  # (runtime, max |onnx - torch|) there
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     verdict: Verdict
     summary: str
@@ -674,6 +708,11 @@ class Diagnosis:
     # The image outputs as pictures on the real images (--input, the bundled photo), or on
     # the main input when none ran; a few hundred KB each, never serialised.
     pictures: tuple[Picture, ...] = field(default=(), repr=False, compare=False)
+    # Several runtimes (--provider given more than once, or all): each one's outcome, in
+    # the order given, and where they first disagree. The rest of the record is the
+    # diagnosis on settings.provider (the first runtime with the worst verdict).
+    runtimes: tuple[RuntimeResult, ...] = ()
+    runtime_departure: RuntimeDeparture | None = None
 
     def __post_init__(self) -> None:
         _members(self, verdict=Verdict)

@@ -359,6 +359,8 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "segments": int(f.segments),
         "forward_memory": f.forward_memory,
         "skipped_for_memory": list(f.skipped_for_memory),
+        "runtime_precision": f.runtime_precision,
+        "runtime_detail": f.runtime_detail,
     }
 
     return {
@@ -403,11 +405,28 @@ def to_json_dict(d: Diagnosis) -> dict[str, Any]:
         "versions": {str(k): _plain(v) for k, v in d.versions.items()},
         "notes": list(d.notes),
         "error": d.error,
+        "runtimes": [
+            {"runtime": r.runtime, "verdict": r.verdict.value,
+             "first_divergence": r.first_divergence or None, "onnx_node": r.onnx_node or None,
+             "max_output_error": _finite_or_none(r.max_output_error),
+             "failing_layers": int(r.failing_layers), "summary": r.summary,
+             "detail": r.detail}
+            for r in d.runtimes
+        ],
+        "runtime_departure": _departure_json(d.runtime_departure),
         **({} if d.conversion is None else {"conversion": {
             "verification": d.conversion.verification,
             "attempts": [a.as_json() for a in d.conversion.attempts],
             "reason": d.conversion.reason}}),
     }
+
+
+def _departure_json(where: Any) -> dict[str, Any] | None:
+    if where is None:
+        return None
+    return {"module": where.module, "onnx_node": where.onnx_node, "op_type": where.op_type,
+            "departs": list(where.departs), "holds": list(where.holds),
+            "max_abs": {name: _finite_or_none(err) for name, err in where.errors}}
 
 
 def to_json(d: Diagnosis, *, indent: int | None = 2) -> str:
@@ -897,6 +916,16 @@ def console_summary(d: Diagnosis, *, color: bool) -> str:
     if d.summary:
         lines += wrap(d.summary, "  ")
 
+    if d.runtimes:
+        lines.append("  runtimes:")
+        width = max(len(r.runtime) for r in d.runtimes)
+        for r in d.runtimes:
+            verdict = c(_COLORS[r.verdict], r.verdict.value.ljust(8))
+            what = (f"first divergence {r.first_divergence}" if r.first_divergence
+                    else r.summary if r.verdict == Verdict.ERROR else "")
+            lines += wrap(f"{r.runtime.ljust(width)}  {verdict}  max output error "
+                          f"{fmt_num(r.max_output_error)}" + (f"; {what}" if what else ""),
+                          "    ")
     if d.verdict == Verdict.ERROR and d.error:
         lines.append(f"  {c('33', 'error:')} {d.error.splitlines()[0] if d.error else ''}")
         lines += [f"    {ln}" for ln in d.error.splitlines()[1:6]]

@@ -34,6 +34,7 @@ from .compare import CHUNK, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
 from .progress import Progress, stepper
+from .runtimes import Runtime
 from .records import (
     Alignment, CaseResult, DivergenceKind, FirstDivergence, ImageQuality, InputSpec, LayerResult,
     LoadedModel,
@@ -111,9 +112,9 @@ class CaseRunner:
     """Runs inputs through both models; holds what every input shares."""
 
     def __init__(self, loaded: LoadedModel, graph: capture_onnx.OnnxGraph, settings: Settings,
-                 say: Progress, spill: Spill, budget: Budget) -> None:
+                 say: Progress, spill: Spill, budget: Budget, runtime: Runtime) -> None:
         self.loaded, self.graph, self.settings, self.say = loaded, graph, settings, say
-        self.spill, self.budget = spill, budget
+        self.spill, self.budget, self.runtime = spill, budget, runtime
         self._model64: Any = None
         # Checks left out because they would not fit --max-memory: check -> why.
         self.skipped: dict[str, str] = {}
@@ -246,15 +247,15 @@ class CaseRunner:
         """The unmodified model's session, shared by every plain run."""
         if self._plain_runner is None:
             s = self.settings
-            self._plain_runner = capture_onnx.PlainRunner(self.graph, level=s.ort_level,
-                                                          provider=s.provider, config=s.ort_config)
+            self._plain_runner = capture_onnx.PlainRunner(self.graph, self.runtime,
+                                                          level=s.ort_level, config=s.ort_config)
         return self._plain_runner
 
     # ----------------------------------------------------------------------- passes
 
     def _runner(self, plan: list[segments.Segment], level: str) -> segments.Runner:
         s = self.settings
-        return segments.Runner(self.graph, plan, level=level, provider=s.provider,
+        return segments.Runner(self.graph, plan, level=level, runtime=self.runtime,
                                config=s.ort_config)
 
     def _first_pass(self, runner: segments.Runner, feeds: dict[str, np.ndarray],

@@ -30,7 +30,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .capture_onnx import OnnxGraph, RuntimeFailure, _failure, _needed, _session
+from .capture_onnx import OnnxGraph, RuntimeFailure, _failure, _needed
+from .runtimes import Runtime
 
 
 @dataclass(frozen=True)
@@ -219,12 +220,12 @@ def _has_subgraphs(model: onnx.ModelProto) -> bool:
 
 
 class Runner:
-    """Builds and runs the segments of one graph with one onnxruntime configuration."""
+    """Builds and runs the segments of one graph on one runtime and configuration."""
 
     def __init__(self, graph: OnnxGraph, segments: list[Segment], *, level: str,
-                 provider: str, config: tuple[tuple[str, str], ...] = ()) -> None:
+                 runtime: Runtime, config: tuple[tuple[str, str], ...] = ()) -> None:
         self.graph, self.segments = graph, segments
-        self.level, self.provider, self.config = level, provider, config
+        self.level, self.runtime, self.config = level, runtime, config
         self._g = gs.import_onnx(graph.model)
         by_outputs = {tuple(t.name for t in n.outputs): n for n in self._g.nodes}
         self._nodes = [by_outputs[n.outputs] for n in graph.nodes]
@@ -240,8 +241,7 @@ class Runner:
         outputs = list(dict.fromkeys([*marks, *segment.carry]))
         if not outputs:  # only constants, each recomputed where it is read
             return SegmentRun({}, {}, None)
-        session = _session(self._export(segment, outputs, feeds), self.level, self.provider,
-                           self.config, arena=False)
+        session = self._session(self._export(segment, outputs, feeds))
         names = [o.name for o in session.get_outputs()]
         try:
             values = dict(zip(names, session.run(names, _needed(session, feeds))))
@@ -270,22 +270,26 @@ class Runner:
             if tensor is None or isinstance(tensor, gs.Constant) or name in segment.inputs:
                 continue
             dtype = tensor.dtype if tensor.dtype is not None else self.graph.dtypes.get(name, value.dtype)
-            # No declared shape: one recorded at export time may not fit this input's size.
-            cut = gs.Variable(f"{name}__layerdiff_reference", dtype=dtype, shape=None)
+            # Only the rank is declared: a shape recorded at export time may not fit this
+            # input's size (and OpenVINO needs the rank).
+            cut = gs.Variable(f"{name}__layerdiff_reference", dtype=dtype,
+                              shape=[None] * np.ndim(value))
             for consumer in list(tensor.outputs):
                 for i, inp in enumerate(consumer.inputs):
                     if inp is tensor:
                         consumer.inputs[i] = cut
             sub.inputs.append(cut)
             extra[cut.name] = np.asarray(value, dtype=np.dtype(dtype))
-        session = _session(gs.export_onnx(sub).SerializeToString(), self.level, self.provider,
-                           self.config, arena=False)
+        session = self._session(gs.export_onnx(sub).SerializeToString())
         names = [o.name for o in session.get_outputs()]
         try:
             values = session.run(names, _needed(session, {**feeds, **extra}))
         except Exception:
             return {}
         return dict(zip(names, values))
+
+    def _session(self, model: bytes):
+        return self.runtime.session(model, level=self.level, config=self.config, arena=False)
 
     def _subgraph(self, segment: Segment, outputs: list[str],
                   feeds: Mapping[str, np.ndarray]) -> gs.Graph:
@@ -337,8 +341,7 @@ class Runner:
             return {}
         sub = self._subgraph(segment, upstream, feeds).copy()
         sub.cleanup()
-        session = _session(gs.export_onnx(sub).SerializeToString(), self.level, self.provider,
-                           self.config, arena=False)
+        session = self._session(gs.export_onnx(sub).SerializeToString())
         try:
             return dict(zip([o.name for o in session.get_outputs()],
                             session.run(None, _needed(session, feeds))))

@@ -4,7 +4,8 @@ from . import (
     activation_attribute, changed_weights, export_crash, float_drift, fp16_precision,
     frozen_shape, gelu_approximation, gridsample_opset, input_mutation,
     instrumentation_changed_result, names_lost, ort_optimisation, pixel_shuffle,
-    preprocessing_mismatch, random_ops, reflect_pad, resize_mode, training_mode,
+    preprocessing_mismatch, random_ops, reflect_pad, resize_mode, runtime_precision,
+    training_mode,
 )
 
 RULES = [
@@ -17,6 +18,7 @@ RULES = [
     activation_attribute.RULE,
     changed_weights.RULE,
     ort_optimisation.RULE,
+    runtime_precision.RULE,
     input_mutation.RULE,
     reflect_pad.RULE,
     gridsample_opset.RULE,
