@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import torch
 import torch.nn.functional as F
 
@@ -90,6 +91,33 @@ def test_no_dynamic_export_is_right_offers_a_static_size_and_does_not_switch(tmp
     fixed = convert(FrozenAndBranchy().eval(), static, static=(16, 16))
     assert fixed.verification == Verification.VERIFIED, fixed.reason
     assert metadata(static)["layerdiff.fixed_size"] == "16,16"
+
+
+class ExactSizeBranch(OneConv):
+    """A branch on one exact height whose two sides compute the same values (a path kept
+    for the size a model was trained at). torch.export specialises the height to keep it,
+    so the dynamo exporter's file comes out fixed at the traced size; the legacy exporter
+    bakes the branch it took and stays free, which is right at any size."""
+
+    def forward(self, x):
+        if x.shape[2] == 16:
+            return self.conv(x)
+        return self.conv(x) * 1.0
+
+
+def test_a_file_that_came_out_fixed_is_made_again_by_the_other_exporter(tmp_path):
+    out = tmp_path / "free.onnx"
+    result = convert(ExactSizeBranch().eval(), out, input_shape=SMALL)
+    assert result.verification == Verification.VERIFIED, result.reason
+    # dynamo's file passed at the traced size but took no other: not verified, repaired.
+    assert [(a.exporter, a.verdict, a.repair) for a in result.attempts] == [
+        ("dynamo", Verdict.PASS, ""), ("legacy", Verdict.PASS, "other-exporter")]
+    meta = metadata(out)
+    assert meta["layerdiff.exporter"] == "legacy"
+    assert json.loads(meta["layerdiff.repairs"]) == ["other-exporter"]
+    assert len(json.loads(meta["layerdiff.sizes"])) == 2  # the traced size and another
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert [bool(d.dim_param) for d in dims[2:]] == [True, True]  # height, width free
 
 
 def test_a_named_exporter_is_not_switched_and_the_reason_says_so(tmp_path):
