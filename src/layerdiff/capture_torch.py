@@ -237,6 +237,10 @@ def training_modules(model: torch.nn.Module) -> tuple[str, ...]:
     )
 
 
+class StopCapture(Exception):
+    """Raised by a ``visit`` that has seen what it needs: the forward stops there."""
+
+
 def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], *,
             hooks: bool = True, store: MutableMapping[int, np.ndarray] | None = None,
             visit: Callable[[int, torch.Tensor], None] | None = None,
@@ -266,6 +270,8 @@ def capture(model: torch.nn.Module, example: torch.Tensor | tuple[tuple, dict], 
                     result = model(*own_args, **own_kwargs)
             else:
                 result = model(*own_args, **own_kwargs)
+    except StopCapture:
+        raise
     except Exception as exc:  # the user's model failed on our input
         raise _failed(exc, originals) from exc
     if parameters and isinstance(model, torch.nn.Module):

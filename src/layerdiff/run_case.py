@@ -30,7 +30,7 @@ import torch
 from . import capture_onnx, capture_torch, divergence as judge, inputs as cases_, preflight, segments
 from . import footprint as forward_memory
 from .align import align, misfit, unpair
-from .compare import CHUNK, compare
+from .compare import CHUNK, NOISE_FACTOR, compare
 from .errors import LayerdiffError, UsageError
 from .footprint import Budget
 from .progress import Progress, stepper
@@ -158,7 +158,7 @@ class CaseRunner:
         output_noise: list[float] = []
         second = _SecondPass()
         if failing or any(not o.passed for o in outputs):
-            wanted = {kept[k].call for k in failing}
+            wanted = {kept[k].call: (kept[k].order, first.metrics[k]) for k in failing}
             self._stage(number, case, "PyTorch in float64 (the referee)")
             noise, residuals, output_noise = self._referee(case, captured, wanted, notes, number)
             if output_noise:
@@ -350,9 +350,15 @@ class CaseRunner:
                     result.values[role] = values[pair.onnx_tensor]
 
     def _referee(self, case: cases_.Case, captured: capture_torch.TorchCapture,
-                 wanted: set[int], notes: list[str], number: int):
-        """PyTorch in float64: the fp32 noise floor of the ``wanted`` calls and of the
-        outputs, and float64 - float32 for those calls (a store); empty when off."""
+                 wanted: dict[int, tuple[int, Metrics]], notes: list[str], number: int):
+        """PyTorch in float64: the fp32 noise floor of the ``wanted`` calls (the failing
+        layers: call -> their place in the graph and fixed-tolerance figures) and of the
+        outputs, and float64 - float32 for those calls (a store); empty when off.
+
+        It runs only as far as the first divergence needs: once a failing layer is off by
+        more than its noise floor allows (it fails with any floor) and every failing layer
+        before it in the graph has its floor, the forward stops. The layers after it keep
+        the fixed tolerance and no referee, and the outputs no floor (a note says so)."""
         if self.settings.reference != "float64" or not captured.calls:
             return {}, None, []
         if captured.random_ops:  # a second forward draws other numbers: no noise floor
@@ -365,14 +371,23 @@ class CaseRunner:
         residuals = TensorStore(self.spill, ("float64", number))
         noise: dict[int, float] = {}
 
+        visited: set[int] = set()
+        stopped: list[int] = []
+
         def visit(index: int, value64: torch.Tensor) -> None:
             if index not in wanted:
                 return
+            visited.add(index)
             fp32 = captured.activations.get(index)
             if fp32 is None or tuple(value64.shape) != fp32.shape:
                 return
             residual, noise[index] = _residual(value64.double().cpu().numpy(), fp32)
             residuals[index] = residual
+            order, metrics = wanted[index]
+            if len(visited) < len(wanted) and _fails_beyond(metrics, noise[index], self.settings) \
+                    and all(call in visited for call, (o, _) in wanted.items() if o < order):
+                stopped.append(index)
+                raise capture_torch.StopCapture
 
         try:
             if self._model64 is None:
@@ -382,6 +397,13 @@ class CaseRunner:
             captured64 = capture_torch.capture(
                 self._model64, (args, kwargs), visit=visit, parameters=False,
                 tick=stepper(self.say, "calls", len(captured.calls)))
+        except capture_torch.StopCapture:
+            later = sum(1 for call in wanted if call not in visited)
+            notes.append(
+                f"The float64 referee stopped at {captured.calls[stopped[0]].label}, the first "
+                f"layer off by more than its noise floor: the {later} failing layer(s) after "
+                "it and the outputs were judged at the fixed tolerance, with no referee.")
+            return noise, residuals, []
         except (LayerdiffError, RuntimeError, TypeError) as exc:
             notes.append(f"float64 referee skipped: the model does not run in float64 ({exc})")
             return {}, None, []
@@ -494,6 +516,15 @@ def _sizes(alignment: Alignment, calls: list[TorchCall],
         nbytes = int(np.prod(calls[pair.call].shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         sizes[pair.onnx_tensor] = max(sizes.get(pair.onnx_tensor, 0), nbytes)
     return sizes
+
+
+def _fails_beyond(metrics: Metrics, noise: float, settings: Settings) -> bool:
+    """Whether a layer that failed the fixed tolerance fails with a noise floor of
+    ``noise`` too, from its figures alone (compare()'s first rule, with atol widened as
+    the floor widens it): a shape or NaN/Inf that differs, or an error past the bound."""
+    atol = max(settings.atol, NOISE_FACTOR * noise)
+    return (metrics.shape_torch != metrics.shape_onnx or metrics.nonfinite_differs
+            or metrics.max_abs > atol + settings.rtol * metrics.scale)
 
 
 def _residual(value64: np.ndarray, fp32: np.ndarray) -> tuple[np.ndarray, float]:
