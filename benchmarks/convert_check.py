@@ -297,8 +297,8 @@ def summary(rows: list[dict]) -> str:
                     if c.get("verified") and c.get("written_repair")]
         tried = [f"{r['id']} ({', '.join(c['repairs'])})" for r, c in zip(rs, conv)
                  if c.get("repairs") and not c.get("verified")]
-        failed = [f"{r['id']} ({_convert_cell(r)})" for r, c in zip(rs, conv)
-                  if not c.get("verified")]
+        failed = [f"{r['id']} ({_convert_cell(r) if 'convert' in r or r.get('stage') == 'layerdiff.convert' else (_crash(r) + ', convert not run')})"
+                  for r, c in zip(rs, conv) if not c.get("verified")]
         own_pass = [r for r in rs if (r.get("naive") or {}).get("own_check") == "pass"]
         judged = [(r, (r["naive"].get("judged") or {})) for r in own_pass]
         caught = [(r, j) for r, j in judged if j.get("verdict") not in (None, "pass")
