@@ -55,13 +55,20 @@ def test_previews_show_where_the_first_divergence_and_the_output_differ(exported
     # One input: the output's worst |diff| is the one the preview shows.
     d = diagnose(make_model("compact"), path, input_shape=SHAPE, check_sizes=(), reference="none",
                  photo=False)
-    names = list(d.previews)
-    assert names == [f"first divergence |diff|: {d.first_divergence.module}", "final output |diff|"]
-    for name, arr in d.previews.items():
+    title = f"first divergence |diff|: {d.first_divergence.module}"
+    # The layer's output (3 channels) channel by channel, with a histogram of the whole
+    # tensor, then the final output's map.
+    assert list(d.previews) == [f"histogram:{title}",
+                                *(f"{title}, channel {c} of 3" for c in range(3)),
+                                "final output |diff|"]
+    maps = {name: arr for name, arr in d.previews.items() if not name.startswith("histogram:")}
+    for name, arr in maps.items():
         assert arr.ndim == 2 and max(arr.shape) <= PREVIEW_SIDE and np.all(arr >= 0)
     out = d.outputs[0].metrics.max_abs
     assert float(d.previews["final output |diff|"].max()) == pytest.approx(out, rel=1e-3)
-    assert d.previews[names[0]].shape == (SHAPE[2] * 4, SHAPE[3] * 4)  # pixel shuffle x4
+    assert max(float(maps[f"{title}, channel {c} of 3"].max()) for c in range(3)) \
+        == pytest.approx(d.first_divergence.max_abs, rel=1e-3)
+    assert maps[f"{title}, channel 0 of 3"].shape == (SHAPE[2] * 4, SHAPE[3] * 4)  # shuffle x4
 
 
 def test_clean_model_gets_no_previews_and_no_files(exported, tmp_path):
