@@ -1,13 +1,12 @@
 """Time `layerdiff sweep` over spandrel's architectures: 1 and 2 local workers, a local Dask
 cluster, the per-entry times and the scheduler's overhead per task.
 
-    python benchmarks/sweep.py [--out DIR] [--max-params N] [--json FILE]
+    python benchmarks/sweep.py [--out DIR] [--only ARCH ...] [--json FILE]
 
-Models: every architecture in spandrel's package that can be built small here, with random
-weights. Each is built with smaller widths and depths where its constructor takes them
-(`SMALL`), else with its defaults; it is kept when it has at most --max-params parameters,
-spandrel detects the saved state dict as the same architecture, and a 1x3x32x32 forward runs.
-The list of kept and left-out architectures (with why) is printed and written to the JSON.
+Models: benchmarks/spandrel_zoo.py, every spandrel architecture it builds small (40 of 42,
+random seeded weights; its EXCLUDED says why the others are not), saved as .pth files with a
+manifest giving each its input size. The kept and left-out architectures are printed and
+written to the JSON.
 
 Each entry is `layerdiff report MODEL --check-sizes none --reference none` (layerdiff exports
 the model itself: the dynamo exporter, falling back to legacy), the same in every run.
@@ -16,11 +15,7 @@ the model itself: the dynamo exporter, falling back to legacy), the same in ever
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,57 +27,30 @@ import torch
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # spandrel_zoo
 FLAGS = ["--check-sizes", "none", "--reference", "none"]
-# Smaller widths and depths, tried first (only the keys the constructor takes are used).
-SMALL = {"num_feat": 16, "num_filters": 16, "nf": 16, "feature_channels": 16, "dim": 16,
-         "embed_dim": 16, "num_block": 1, "num_blocks": 1, "nb": 1, "num_conv": 2,
-         "n_resgroups": 1, "n_resblocks": 1, "n_feats": 16, "depths": [2], "num_heads": [2],
-         "window_size": 4, "img_size": 32, "upscale": 2, "scale": 2, "num_in_ch": 3,
-         "num_out_ch": 3, "in_nc": 3, "out_nc": 3}
 
 
-def build_models(folder: Path, max_params: int, only: list[str] | None = None
-                 ) -> tuple[list[str], dict[str, str]]:
-    from spandrel import ModelLoader
+def build_models(folder: Path, only: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Every architecture of spandrel_zoo (40 of spandrel's 42, small) saved as a .pth in
+    ``folder``, and a manifest giving each its input size; the zoo's exclusions with why."""
+    import spandrel_zoo as zoo
 
-    root = Path(importlib.import_module("spandrel.architectures").__file__).parent
-    kept, left_out = [], {}
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
-    for name in [n for n in names if only is None or n in only]:
-        try:
-            module = _build(name)
-            params = sum(p.numel() for p in module.parameters())
-            if params > max_params:
-                raise ValueError(f"{params:,} parameters even small")
-            path = folder / f"{name.lower()}.pth"
-            torch.save(module.state_dict(), path)
-            loaded = ModelLoader().load_from_file(path)
-            with torch.no_grad():
-                loaded.model.eval()(torch.rand(1, loaded.input_channels, 32, 32))
-            kept.append(name)
-        except Exception as error:  # noqa: BLE001 - recorded: why it was left out
-            left_out[name] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
-            (folder / f"{name.lower()}.pth").unlink(missing_ok=True)
-    return kept, left_out
-
-
-def _build(name: str) -> torch.nn.Module:
-    import inspect
-
-    cls = getattr(importlib.import_module(f"spandrel.architectures.{name}"), name)
-    accepted = inspect.signature(cls).parameters
-    small = {k: v for k, v in SMALL.items() if k in accepted}
-    torch.manual_seed(0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            return cls(**small).eval()
-        except Exception:  # noqa: BLE001 - the small widths do not fit together: defaults
-            return cls().eval()
+    kept = [a for a in zoo.ARCHITECTURES if only is None or a in only]
+    entries = []
+    for arch in kept:
+        spec = zoo.ARCHITECTURES[arch]
+        torch.save(zoo.make(arch).state_dict(), folder / f"{arch.lower()}.pth")
+        entries.append({"model": f"{arch.lower()}.pth",
+                        "input_shape": f"1,{spec.in_channels},{spec.size},{spec.size}"})
+    (folder / "manifest.json").write_text(json.dumps(entries, indent=1))
+    return kept, dict(zoo.EXCLUDED)
 
 
 def run_sweep(models: Path, out: Path, *extra: str) -> tuple[float, dict]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "layerdiff.cli", "sweep", str(models), "-o",
+    result = subprocess.run([sys.executable, "-m", "layerdiff.cli", "sweep",
+                             str(models / "manifest.json"), "-o",
                              str(out), "-q", "--timeout", "600", *extra, *FLAGS],
                             capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -108,14 +76,13 @@ def scheduler_overhead(address: str, tasks: int = 40) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="sweep-bench-")))
-    parser.add_argument("--max-params", type=int, default=2_000_000)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", nargs="+", metavar="ARCH",
                         help="these architectures only (spandrel's names: Compact ESRGAN ...)")
     args = parser.parse_args()
     models = args.out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    kept, left_out = build_models(models, args.max_params, args.only)
+    kept, left_out = build_models(models, args.only)
     print(f"{len(kept)} architectures: {', '.join(kept)}")
     for name, why in left_out.items():
         print(f"  left out {name}: {why}")
