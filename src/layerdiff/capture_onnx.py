@@ -319,13 +319,6 @@ def save_optimised(source: str | Path, target: str | Path, level: str = "basic")
         raise OnnxLoadError(f"onnxruntime cannot optimise the file: {first_line(exc)}") from None
 
 
-def run_plain(graph: OnnxGraph, feeds: dict[str, np.ndarray], runtime, *, level: str = "all",
-              config: tuple[tuple[str, str], ...] = ()) -> list[np.ndarray]:
-    """Run the model as the user would, on ``runtime`` (runtimes.Runtime): no marked
-    outputs (PlainRunner, used once)."""
-    return PlainRunner(graph, runtime, level=level, config=config).run(feeds)
-
-
 class PlainRunner:
     """The model as the user runs it on ``runtime`` (no marked outputs), its session made
     on the first run and kept for the next. Without onnxruntime's CPU arena (it changes no

@@ -37,7 +37,7 @@ from . import files
 from .errors import ExportError, UsageError
 from .exporting import METADATA_PREFIX, export_onnx
 from .options import Options
-from .progress import Progress
+from .progress import Progress, silent
 from .records import (Attempt, CaseVerdict, ConversionLog, Diagnosis, LoadedModel, OnnxSource,
                       Verdict)
 
@@ -170,7 +170,7 @@ def convert(
     if dtype == "bf16" and verify:
         raise UsageError(BF16_UNVERIFIABLE, hint="write it unverified with --no-verify (its "
                          "metadata says so), or convert to fp16 or fp32, which are verified")
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     path = Path(path)
     from .pipeline import _load, _model_file, export_example
 

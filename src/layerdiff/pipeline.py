@@ -84,7 +84,7 @@ def diagnose(
     names = runtimes.resolve(opts.provider)
     if len(names) == 1:
         return _diagnose(model, onnx, inputs, replace(opts, provider=names[0]), progress)
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     runs: list[tuple[str, Diagnosis | LayerdiffError]] = []
     first: Diagnosis | None = None
     reproducer = opts.reproducer_for
