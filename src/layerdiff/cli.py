@@ -633,5 +633,19 @@ def _sweep(args: argparse.Namespace) -> int:
     return sweep.run(settings, entries)
 
 
+def entry() -> None:
+    """The console script: ``main`` with its exit code. After Ctrl-C the process ends at
+    once (every clean-up has run by then): a library interrupted halfway through its
+    import (torch's) can make the interpreter's own shutdown end the process by the
+    signal instead of with 130."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
