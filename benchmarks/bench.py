@@ -68,10 +68,14 @@ ARCHS = tuple(DEFAULT_SIZES)
 # extra layerdiff arguments). "fault": one convolution in the middle of the ONNX file has
 # its weights scaled by 1.05. "dynamic": the file's height and width are free, so layerdiff
 # also runs its default other size; the same file with --check-sizes none shows its cost.
+# --no-photo and --reference none show what the bundled photo and the float64 referee cost.
 SUITE = (
     ("clean", "esrgan", 256, False, False, ("floor", "layerdiff"), ""),
+    ("clean", "esrgan", 256, False, False, ("layerdiff",), "--no-photo"),
     ("clean", "swinir", 128, False, False, ("floor", "layerdiff"), ""),
     ("diverging", "esrgan", 128, True, False, ("floor", "layerdiff"), ""),
+    ("diverging", "esrgan", 128, True, False, ("layerdiff",), "--no-photo"),
+    ("diverging", "esrgan", 128, True, False, ("layerdiff",), "--no-photo --reference none"),
     ("diverging", "esrgan", 256, True, False, ("floor", "layerdiff"), ""),
     ("small", "swinir", 64, False, False, ("floor", "layerdiff"), ""),
     ("small", "compact", 64, False, False, ("floor", "layerdiff", "mark-all", "polygraphy",

@@ -376,7 +376,7 @@ def _run_cases(runner: CaseRunner, loaded: LoadedModel, source: OnnxSource,
     if verdict == Verdict.DIVERGED and ort_level != "disable" and first_case is not None \
             and first_case.failure is None and runner.runtime.onnxruntime:
         say("re-running with onnxruntime graph optimisations off")
-        vanishes = runner.passes_unoptimised(first_case)
+        vanishes = runner.passes_unoptimised(first_case, first)
         facts = replace(facts, vanishes_without_ort_optimisation=vanishes,
                         ort_rewrite=runner.rewrite_of(first) if vanishes and first else "")
 

@@ -94,6 +94,10 @@ class _FirstPass:
     outputs: dict[str, np.ndarray]
     failure: capture_onnx.RuntimeFailure | None
     resume: tuple[int, dict[str, np.ndarray]] | None  # first segment with a failing layer
+    # pair position -> local error (fixed tolerance) of each failing layer, and the
+    # segment each failing layer is in
+    local: dict[int, Metrics] = field(default_factory=dict)
+    segment_of: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -166,18 +170,21 @@ class CaseRunner:
                                                rtol=s.rtol, atol=s.atol, noise=output_noise,
                                                models=captured.output_names)
             if failing and first.resume is not None:
-                self._stage(number, case, "the failing layers again, and alone")
-                second = self._second_pass(runner, feeds, kept, failing, captured, noise,
-                                           residuals, first.resume,
-                                           TensorStore(self.spill, ("kept", number)))
+                self._stage(number, case, "the failing layers against their noise floor")
+                second = self._second_pass(runner, feeds, kept, first, captured, noise,
+                                           residuals, TensorStore(self.spill, ("kept", number)))
             if residuals is not None:
                 residuals.clear()
         metrics = {**first.metrics, **second.metrics}
+        # Local errors: the second pass's where it judged a layer again, the first's after.
+        local = {k: m for k, m in first.local.items()
+                 if k not in second.metrics and not metrics[k].passed}
+        local.update(second.local)
         final = unpair(alignment, first.dropped)
         position = {k: i for i, k in enumerate(sorted(kept))}  # old -> new pair position
         layers = judge.layer_results(
             final, captured.calls, {position[k]: m for k, m in metrics.items() if k in position},
-            ignore=s.ignore, local={position[k]: m for k, m in second.local.items()},
+            ignore=s.ignore, local={position[k]: m for k, m in local.items() if k in position},
             referees={position[k]: r for k, r in second.referees.items()})
         divergence = judge.first_divergence(layers, graph, final, captured.calls, first.failure)
         result = CaseRun(case.label, case.kind, case.tensor, feeds, captured.calls,
@@ -266,6 +273,7 @@ class CaseRunner:
         result = _FirstPass({}, {}, {}, None, None)
         tick = stepper(self.say, "segments", len(runner.segments))
         for index, known, run in segments.walk(runner, feeds, tick=tick):
+            failing: list[int] = []
             for tensor, value in run.values.items():
                 for k in by_tensor.get(tensor, ()):
                     pair = alignment.pairs[k]
@@ -275,62 +283,103 @@ class CaseRunner:
                         continue
                     result.metrics[k] = compare(captured.activations[pair.call], value,
                                                 rtol=s.rtol, atol=s.atol)
-                    if not result.metrics[k].passed and result.resume is None:
-                        result.resume = (index, known)
+                    if not result.metrics[k].passed:
+                        failing.append(k)
+                        result.segment_of[k] = index
+                        if result.resume is None:
+                            result.resume = (index, known)
             value = None  # not held while the next segment runs
+            if failing:  # their local error, while this segment's inputs are at hand
+                kept = {k: p for k, p in enumerate(alignment.pairs) if k not in result.dropped}
+                result.local.update(self._local(runner, index, known, run.values, failing, kept,
+                                                captured, {}))
             result.outputs.update(_graph_outputs(run, self.graph))
             result.failure = run.failure
         return result
 
     def _second_pass(self, runner: segments.Runner, feeds: dict[str, np.ndarray],
-                     kept: dict[int, Any], failing: set[int],
+                     kept: dict[int, Any], first: _FirstPass,
                      captured: capture_torch.TorchCapture, noise: dict[int, float],
-                     residuals: TensorStore | None,
-                     resume: tuple[int, dict[str, np.ndarray]], values: TensorStore) -> _SecondPass:
-        """The failing layers again: against their noise floor, with the referee's view
-        and their local error. Resumes at the first segment holding one."""
+                     residuals: TensorStore | None, values: TensorStore) -> _SecondPass:
+        """The failing layers again: against their noise floor, with the referee's view,
+        and the ONNX values of the first-divergence candidates. Resumes at the first
+        segment holding a failing layer, and stops once every layer the referee gave a
+        floor is judged and both candidates are held: the first pass's figures and
+        local errors stand for the failing layers after that (no floor changes them)."""
         s = self.settings
+        failing = {k for k, m in first.metrics.items() if not m.passed}
         result = _SecondPass(values=values)
-        tensor_call = {p.onnx_tensor: p.call for p in reversed(list(kept.values()))}
         by_tensor: dict[str, list[int]] = defaultdict(list)
         for k, pair in kept.items():
             by_tensor[pair.onnx_tensor].append(k)
-        last = max(i for i, seg in enumerate(runner.segments)
-                   if any(k in failing for m in seg.marks for k in by_tensor.get(m, ())))
-        start, carried = resume
+        floored = [first.segment_of[k] for k in failing if noise.get(kept[k].call, 0.0) > 0.0]
+        last = max(floored, default=-1)
+        start, carried = first.resume
         tick = stepper(self.say, "segments", len(runner.segments))
         for index, known, run in segments.walk(runner, feeds, start=start, carried=carried,
                                                tick=tick):
-            inputs = {name: known[name] for name in runner.segments[index].inputs}
             here = [k for t in run.values for k in by_tensor.get(t, ()) if k in failing]
             for k in here:
                 pair = kept[k]
                 value = run.values[pair.onnx_tensor]
                 reference = captured.activations[pair.call]
-                metrics = compare(reference, value, rtol=s.rtol, atol=s.atol,
-                                  noise=noise.get(pair.call, 0.0))
+                floor = noise.get(pair.call, 0.0)
+                metrics = (compare(reference, value, rtol=s.rtol, atol=s.atol, noise=floor)
+                           if floor > 0.0 else first.metrics[k])
                 result.metrics[k] = metrics
                 residual = residuals.get(pair.call) if residuals is not None else None
                 if residual is not None:
                     result.referees[k] = _referee_of(metrics, reference, value, residual)
             still = [k for k in here if not result.metrics[k].passed]
-            if still:
-                references = {t: captured.activations[c] for t, c in tensor_call.items()
-                              if t in run.values or t in inputs}
-                local_feeds = {n: references[n].astype(v.dtype, copy=False) if n in references
-                               else v for n, v in inputs.items()}
-                own = runner.run_local(index, local_feeds, references,
-                                       {kept[k].onnx_tensor for k in still})
-                for k in still:
-                    pair = kept[k]
-                    if pair.onnx_tensor in own:
-                        result.local[k] = compare(captured.activations[pair.call],
-                                                  own[pair.onnx_tensor], rtol=s.rtol, atol=s.atol,
-                                                  noise=noise.get(pair.call, 0.0))
-                self._keep_candidates(result, still, kept, captured.calls, run.values)
-            if index >= last:
+            again = [k for k in still if noise.get(kept[k].call, 0.0) > 0.0]
+            result.local.update({k: first.local[k] for k in still
+                                 if k not in again and k in first.local})
+            if again:
+                result.local.update(self._local(runner, index, known, run.values, again, kept,
+                                                captured, noise))
+            self._keep_candidates(result, still, kept, captured.calls, run.values)
+            if index >= last and self._held(result, kept, first, index, captured.calls):
                 break
         return result
+
+    def _held(self, result: _SecondPass, kept: dict, first: _FirstPass, index: int,
+              calls: list[TorchCall]) -> bool:
+        """Whether both first-divergence candidates are held, or no failing layer after
+        segment ``index`` could be one (first-pass figures, which stand there)."""
+        ignore = self.settings.ignore
+        later = [k for k, m in first.metrics.items() if not m.passed
+                 and first.segment_of[k] > index
+                 and not judge.is_ignored(ignore, calls[kept[k].call].label, kept[k].onnx_node,
+                                          kept[k].op_type)]
+        total = "total" in result.kept or not later
+        local = "local" in result.kept or not any(
+            k in first.local and not first.local[k].passed for k in later)
+        return total and local
+
+    def _local(self, runner: segments.Runner, index: int, known: dict[str, np.ndarray],
+               values: dict[str, np.ndarray], positions: list[int], kept: dict[int, Any],
+               captured: capture_torch.TorchCapture,
+               noise: dict[int, float]) -> dict[int, Metrics]:
+        """The local error of the layers at ``positions`` in segment ``index``: the
+        segment run again on PyTorch's values of its inputs and of every aligned tensor
+        it reads, so that each layer sees correct inputs (``known``: the walk's values,
+        for inputs PyTorch has none of; ``values``: what the segment computed)."""
+        s = self.settings
+        inputs = {name: known[name] for name in runner.segments[index].inputs}
+        tensor_call = {p.onnx_tensor: p.call for p in reversed(list(kept.values()))}
+        references = {t: captured.activations[c] for t, c in tensor_call.items()
+                      if t in values or t in inputs}
+        local_feeds = {n: references[n].astype(v.dtype, copy=False) if n in references
+                       else v for n, v in inputs.items()}
+        own = runner.run_local(index, local_feeds, references,
+                               {kept[k].onnx_tensor for k in positions})
+        found = {}
+        for k in positions:
+            pair = kept[k]
+            if pair.onnx_tensor in own:
+                found[k] = compare(captured.activations[pair.call], own[pair.onnx_tensor],
+                                   rtol=s.rtol, atol=s.atol, noise=noise.get(pair.call, 0.0))
+        return found
 
     def _keep_candidates(self, result: _SecondPass, positions: list[int], kept: dict,
                          calls: list[TorchCall], values: dict[str, np.ndarray]) -> None:
@@ -417,13 +466,20 @@ class CaseRunner:
 
     # ----------------------------------------------------------------------- re-checks
 
-    def passes_unoptimised(self, case: CaseRun) -> bool | None:
-        """Whether every layer and output passes with onnxruntime's optimisations off."""
+    def passes_unoptimised(self, case: CaseRun, first: FirstDivergence | None = None) -> bool | None:
+        """Whether every layer and output passes with onnxruntime's optimisations off.
+
+        With ``first`` (the first divergence, in ``case``), its own segment runs first,
+        unoptimised, on PyTorch's values: when the layer still fails there, its own
+        computation is wrong without any rewrite, so the answer is no without running
+        the rest of the graph."""
         s = self.settings
         by_tensor = _positions(case.alignment)
         outputs: dict[str, np.ndarray] = {}
         try:
             runner = self._runner(case.plan, "disable")
+            if first is not None and self._fails_alone(runner, case, first):
+                return False
             tick = stepper(self.say, "segments", len(runner.segments))
             for _, _, run in segments.walk(runner, case.feeds, tick=tick):
                 if run.failure is not None:
@@ -445,6 +501,34 @@ class CaseRunner:
                                      self.graph.outputs, rtol=s.rtol, atol=s.atol,
                                      noise=case.output_noise)
         return all(o.passed for o in final)
+
+    def _fails_alone(self, runner: segments.Runner, case: CaseRun, first: FirstDivergence) -> bool:
+        """Whether ``first``'s layer fails on PyTorch's inputs in ``runner`` (False when
+        that cannot be run: an input of its segment PyTorch has no value for)."""
+        pair = next((p for p in case.alignment.pairs if p.onnx_node == first.onnx_node), None)
+        index = next((i for i, seg in enumerate(case.plan)
+                      if pair is not None and pair.onnx_tensor in seg.marks), None)
+        if pair is None or index is None:
+            return False
+        segment = case.plan[index]
+        tensor_call = {p.onnx_tensor: p.call for p in reversed(case.alignment.pairs)}
+        references = {t: case.activations[c] for t, c in tensor_call.items()
+                      if t in segment.marks or t in segment.inputs}
+        feeds = {}
+        for name in segment.inputs:
+            if name in case.feeds:
+                feeds[name] = case.feeds[name]
+            elif name in references:
+                feeds[name] = references[name].astype(self.graph.dtypes.get(name, np.float32),
+                                                      copy=False)
+            else:
+                return False
+        own = runner.run_local(index, feeds, references, {pair.onnx_tensor})
+        if pair.onnx_tensor not in own:
+            return False
+        s = self.settings
+        return not compare(case.activations[pair.call], own[pair.onnx_tensor], rtol=s.rtol,
+                           atol=s.atol, noise=case.noise.get(pair.call, 0.0)).passed
 
     def rewrite_of(self, first: FirstDivergence) -> str:
         s = self.settings
