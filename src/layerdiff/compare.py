@@ -24,6 +24,7 @@ PyTorch by no more than PyTorch's own rounding.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +33,7 @@ from .records import Metrics
 
 OUTLIER_SHARE = 0.01
 CHUNK = 1 << 16  # elements compared at a time: float64 temporaries that stay in cache
+PARALLEL_MIN = 1 << 20  # elements from which a tensor is compared in two halves at once
 NOISE_FACTOR = 3.0  # |onnx - torch32| <= |onnx - t64| + |t64 - torch32|: both within noise
 
 
@@ -49,12 +51,16 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
             return replace(metrics, shape_onnx=tuple(cand.shape))
         return _shape_mismatch(ref, cand)
 
-    acc = _Sums()
     flat_ref, flat_cand = ref.reshape(-1), cand.reshape(-1)
-    done = _compared_pages(reference)
-    for lo in range(0, flat_ref.size, CHUNK):
-        acc.add(flat_ref[lo:lo + CHUNK], flat_cand[lo:lo + CHUNK], rtol=rtol, atol=atol)
-        done(lo + CHUNK)
+    size = flat_ref.size
+    if size >= PARALLEL_MIN:  # the second half on the other core (numpy lets go of the GIL)
+        mid = size // 2 // CHUNK * CHUNK
+        other = _pool().submit(_sums, flat_ref, flat_cand, mid, size, rtol, atol,
+                               _compared_pages(reference, mid))
+        acc = _sums(flat_ref, flat_cand, 0, mid, rtol, atol, _compared_pages(reference))
+        acc.merge(other.result())
+    else:
+        acc = _sums(flat_ref, flat_cand, 0, size, rtol, atol, _compared_pages(reference))
     max_abs, mean_abs, scale, max_rel, outlier_share, cosine = acc.figures()
     ref_nan, cand_nan, ref_inf, cand_inf = acc.nan_ref, acc.nan_cand, acc.inf_ref, acc.inf_cand
 
@@ -87,23 +93,45 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, rtol: float, atol: 
     )
 
 
-def _compared_pages(array: np.ndarray):
+def _sums(ref: np.ndarray, cand: np.ndarray, lo: int, hi: int, rtol: float, atol: float,
+          done) -> _Sums:
+    """The sums over elements [lo, hi) of two flat arrays, a chunk at a time."""
+    acc = _Sums()
+    for start in range(lo, hi, CHUNK):
+        stop = min(start + CHUNK, hi)
+        acc.add(ref[start:stop], cand[start:stop], rtol=rtol, atol=atol)
+        done(stop, stop >= hi)
+    return acc
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One worker thread, made on first use, that compares the second half of large tensors."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerdiff-compare"))
+    return _POOL[0]
+
+
+def _compared_pages(array: np.ndarray, begin: int = 0):
     """For an array mapped from a file (an activation the store read back from disk), a
-    function that drops from this process the pages before element ``upto``, once
-    compared: a full-size reference then costs a few MB while it is compared, not its
-    whole size next to onnxruntime's value. Other arrays: a function doing nothing."""
+    function that drops from this process the pages from element ``begin`` to element
+    ``upto``, once compared (all of them when ``last``): a full-size reference then costs
+    a few MB while it is compared, not its whole size next to onnxruntime's value. Other
+    arrays: a function doing nothing."""
     import mmap
 
     mapped = getattr(array, "_mmap", None)
     if (not isinstance(array, np.memmap) or mapped is None or not array.flags.c_contiguous
             or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED")):
-        return lambda upto: None
+        return lambda upto, last=False: None
     start = array.offset % mmap.ALLOCATIONGRANULARITY  # where the data begins in the map
-    dropped = [0]
+    dropped = [(start + begin * array.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE]
 
-    def drop(upto: int) -> None:
+    def drop(upto: int, last: bool = False) -> None:
         end = (start + upto * array.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end - dropped[0] >= 16 * 2**20 or upto >= array.size:
+        if end - dropped[0] >= 16 * 2**20 or last or upto >= array.size:
             end = min(end, len(mapped) // mmap.PAGESIZE * mmap.PAGESIZE)
             if end > dropped[0]:
                 mapped.madvise(mmap.MADV_DONTNEED, dropped[0], end - dropped[0])
@@ -169,6 +197,24 @@ class _Sums:
         self.dot += d_dot_r + r_dot_r  # c.r = (c - r).r + r.r
         self.norm_ref += r_dot_r
         self.norm_cand += d_dot_d + 2 * d_dot_r + r_dot_r  # c.c = d.d + 2 d.r + r.r
+
+    def merge(self, other: _Sums) -> None:
+        """Add the sums of another range of the same tensor pair."""
+        self.count += other.count
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sum_abs += other.sum_abs
+        self.scale = max(self.scale, other.scale)
+        self.max_rel = max(self.max_rel, other.max_rel)
+        self.sum_sq += other.sum_sq
+        self.outliers += other.outliers
+        self.dot += other.dot
+        self.norm_ref += other.norm_ref
+        self.norm_cand += other.norm_cand
+        self.nan_ref += other.nan_ref
+        self.nan_cand += other.nan_cand
+        self.inf_ref += other.inf_ref
+        self.inf_cand += other.inf_cand
+        self.nonfinite_differs = self.nonfinite_differs or other.nonfinite_differs
 
     def _nonfinite(self, r: np.ndarray, c: np.ndarray) -> None:
         r_nan, c_nan, r_inf, c_inf = np.isnan(r), np.isnan(c), np.isinf(r), np.isinf(c)
