@@ -37,11 +37,13 @@ Methods, each run in its own process so that its peak memory (VmHWM) is its own:
 - verify: ``torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)``,
   export included; stopped after ``--verify-timeout`` seconds.
 
-Each child imports torch, onnx and onnxruntime and builds the model (all but layerdiff,
+Each child imports torch and onnxruntime and builds the model (all but layerdiff,
 which loads the .pth) before its clock starts; its peak memory includes them. With
 ``--repeat N`` each method runs N times (N processes): best wall time, highest peak.
 Prints the machine's facts and a Markdown table; ``x floor`` is the wall time over floor's
-at the same size.
+at the same size. ``--suite`` also times each whole process, from its start to its exit
+(``process s``: Python's start-up and every import and model load included, on both
+sides), over the floor's whole process.
 """
 
 from __future__ import annotations
@@ -114,7 +116,6 @@ def run_method(job: dict) -> dict:
 
     warnings.filterwarnings("ignore")
     import numpy as np
-    import onnx
     import onnxruntime as ort
     import torch
 
@@ -152,6 +153,8 @@ def run_method(job: dict) -> dict:
         report = json.loads(report_json.read_text())
         notes = f"exit {code}, {report['verdict']}, {len(report['layers'])} layers"
     elif method == "mark-all":
+        import onnx
+
         from layerdiff import capture_torch
 
         capture_torch.capture(model, x)
@@ -260,13 +263,15 @@ def available_memory() -> int:
 def run_child(job: dict, timeout: int) -> dict:
     """One method in a fresh process: its result, {"error": ...} or {"stopped": timeout}."""
     cmd = [sys.executable, __file__, "--child", json.dumps(job)]
+    start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"stopped": timeout}
+    process = time.perf_counter() - start  # the whole process: start-up and imports too
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_seconds": process}
 
 
 def measure(job: dict, timeout: int, repeat: int) -> dict:
@@ -278,6 +283,7 @@ def measure(job: dict, timeout: int, repeat: int) -> dict:
             return result
         runs.append(result)
     return {"seconds": min(r["seconds"] for r in runs),
+            "process_seconds": min(r["process_seconds"] for r in runs),
             "peak_bytes": max(r["peak_bytes"] for r in runs), "notes": runs[0]["notes"]}
 
 
@@ -374,9 +380,9 @@ def suite(args: argparse.Namespace) -> None:
     """SUITE in one run: per case the floor, layerdiff, the ratio and peak memory."""
     import torch
 
-    lines = ["| case | model | input | method | wall s | x floor | peak memory | notes |",
-             "|---|---|---|---|---|---|---|---|"]
-    floors: dict[tuple, float] = {}
+    lines = ["| case | model | input | method | wall s | x floor | process s | x floor | "
+             "peak memory | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    floors: dict[tuple, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         built: dict[str, str] = {}
         for title, arch, size, fault, dynamic, methods, extra in SUITE:
@@ -394,15 +400,18 @@ def suite(args: argparse.Namespace) -> None:
                 print(title, arch, size, method, extra, r, file=sys.stderr, flush=True)
                 key = (arch, size, fault, dynamic)
                 if method == "floor" and "seconds" in r:
-                    floors[key] = r["seconds"]
+                    floors[key] = (r["seconds"], r["process_seconds"])
                 if "seconds" in r:
-                    ratio = f"{r['seconds'] / floors[key]:.1f}" if key in floors else "-"
-                    cells = [f"{r['seconds']:.1f}", ratio, f"{r['peak_bytes'] / 2**30:.2f} GiB",
-                             r["notes"]]
+                    timed, whole = floors.get(key, (None, None))
+                    cells = [f"{r['seconds']:.1f}",
+                             f"{r['seconds'] / timed:.1f}" if timed else "-",
+                             f"{r['process_seconds']:.1f}",
+                             f"{r['process_seconds'] / whole:.1f}" if whole else "-",
+                             f"{r['peak_bytes'] / 2**30:.2f} GiB", r["notes"]]
                 elif "stopped" in r:
-                    cells = [f"> {r['stopped']} (stopped)", "-", "-", ""]
+                    cells = [f"> {r['stopped']} (stopped)", "-", "-", "-", "-", ""]
                 else:
-                    cells = ["-", "-", "-", r["error"]]
+                    cells = ["-", "-", "-", "-", "-", r["error"]]
                 name = f"{arch} ({args.blocks} blocks)" if arch == "esrgan" else arch
                 how = " (dynamic H,W)" if dynamic else ""
                 label = method + (f" `{extra}`" if extra else "")
