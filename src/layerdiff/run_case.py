@@ -7,11 +7,14 @@ as they arrive and dropped: only the figures stay. So the whole diagnosis costs 
 one PyTorch forward, one onnxruntime forward and the comparison arithmetic.
 
 Only when a layer fails the tolerance is more work done, and only where it is needed:
+- its segment runs again at once on PyTorch's inputs (its local error: a cause, or error
+  carried from upstream);
 - the float64 referee runs PyTorch once more in float64 and keeps, for the failing
-  layers only, float64 minus float32 (each layer's noise floor, and which side is off);
-- the walk resumes at the first failing segment to judge the failing layers against
-  their noise floor, and runs each failing layer's segment on PyTorch's inputs (its
-  local error: a cause, or error carried from upstream).
+  layers only, float64 minus float32 (each layer's noise floor, and which side is off),
+  as far as the first layer that fails with any floor;
+- the walk resumes at the first failing segment to judge the layers the referee reached
+  against their noise floor, and to hold the ONNX values of the first divergence, and
+  stops there.
 A layer that passes the fixed tolerance passes with any noise floor, since the floor
 only widens it, so skipping this for passing layers changes no result.
 """
@@ -312,7 +315,7 @@ class CaseRunner:
         by_tensor: dict[str, list[int]] = defaultdict(list)
         for k, pair in kept.items():
             by_tensor[pair.onnx_tensor].append(k)
-        floored = [first.segment_of[k] for k in failing if noise.get(kept[k].call, 0.0) > 0.0]
+        floored = [first.segment_of[k] for k in failing if kept[k].call in noise]
         last = max(floored, default=-1)
         start, carried = first.resume
         tick = stepper(self.say, "segments", len(runner.segments))
@@ -323,15 +326,15 @@ class CaseRunner:
                 pair = kept[k]
                 value = run.values[pair.onnx_tensor]
                 reference = captured.activations[pair.call]
-                floor = noise.get(pair.call, 0.0)
-                metrics = (compare(reference, value, rtol=s.rtol, atol=s.atol, noise=floor)
-                           if floor > 0.0 else first.metrics[k])
+                metrics = (compare(reference, value, rtol=s.rtol, atol=s.atol,
+                                   noise=noise[pair.call])
+                           if pair.call in noise else first.metrics[k])
                 result.metrics[k] = metrics
                 residual = residuals.get(pair.call) if residuals is not None else None
                 if residual is not None:
                     result.referees[k] = _referee_of(metrics, reference, value, residual)
             still = [k for k in here if not result.metrics[k].passed]
-            again = [k for k in still if noise.get(kept[k].call, 0.0) > 0.0]
+            again = [k for k in still if kept[k].call in noise]
             result.local.update({k: first.local[k] for k in still
                                  if k not in again and k in first.local})
             if again:
