@@ -58,3 +58,16 @@ def test_a_clean_pair_passes_in_halves_as_in_one(monkeypatch):
     assert halves.passed and whole.passed
     assert dataclasses.replace(halves, mean_abs=0, mse=0, cosine=0) == \
         dataclasses.replace(whole, mean_abs=0, mse=0, cosine=0)
+
+
+def test_a_forked_child_compares_in_halves_too():
+    """The worker thread is not copied into a forked child: the child makes its own
+    rather than waiting on a thread that is not there."""
+    import multiprocessing
+
+    ref, cand = _pair(comparing.PARALLEL_MIN)
+    parent = comparing.compare(ref, cand, rtol=1e-3, atol=1e-5)  # the worker exists now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(comparing.compare, (ref, cand),
+                                 {"rtol": 1e-3, "atol": 1e-5}).get(timeout=60)
+    assert child == parent

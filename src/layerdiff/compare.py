@@ -24,6 +24,7 @@ PyTorch by no more than PyTorch's own rounding.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -105,6 +106,8 @@ def _sums(ref: np.ndarray, cand: np.ndarray, lo: int, hi: int, rtol: float, atol
 
 
 _POOL: list[ThreadPoolExecutor] = []
+# A forked child has no copy of the worker thread: it makes its own.
+os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _pool() -> ThreadPoolExecutor:
