@@ -24,6 +24,7 @@ PyTorch by no more than PyTorch's own rounding.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -105,16 +106,14 @@ def _sums(ref: np.ndarray, cand: np.ndarray, lo: int, hi: int, rtol: float, atol
     return acc
 
 
-_POOL: list[ThreadPoolExecutor] = []
-# A forked child has no copy of the worker thread: it makes its own.
-os.register_at_fork(after_in_child=_POOL.clear)
-
-
+@functools.cache
 def _pool() -> ThreadPoolExecutor:
     """One worker thread, made on first use, that compares the second half of large tensors."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerdiff-compare"))
-    return _POOL[0]
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerdiff-compare")
+
+
+# A forked child has no copy of the worker thread: it makes its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def _compared_pages(array: np.ndarray, begin: int = 0):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,7 +295,7 @@ class CaseRunner:
             if failing:  # their local error, while this segment's inputs are at hand
                 kept = {k: p for k, p in enumerate(alignment.pairs) if k not in result.dropped}
                 result.local.update(self._local(runner, index, known, run.values, failing, kept,
-                                                captured, {}))
+                                                captured.activations, {}))
             result.outputs.update(_graph_outputs(run, self.graph))
             result.failure = run.failure
         return result
@@ -339,7 +339,7 @@ class CaseRunner:
                                  if k not in again and k in first.local})
             if again:
                 result.local.update(self._local(runner, index, known, run.values, again, kept,
-                                                captured, noise))
+                                                captured.activations, noise))
             self._keep_candidates(result, still, kept, captured.calls, run.values)
             if index >= last and self._held(result, kept, first, index, captured.calls):
                 break
@@ -359,30 +359,34 @@ class CaseRunner:
             k in first.local and not first.local[k].passed for k in later)
         return total and local
 
-    def _local(self, runner: segments.Runner, index: int, known: dict[str, np.ndarray],
-               values: dict[str, np.ndarray], positions: list[int], kept: dict[int, Any],
-               captured: capture_torch.TorchCapture,
-               noise: dict[int, float]) -> dict[int, Metrics]:
-        """The local error of the layers at ``positions`` in segment ``index``: the
-        segment run again on PyTorch's values of its inputs and of every aligned tensor
-        it reads, so that each layer sees correct inputs (``known``: the walk's values,
-        for inputs PyTorch has none of; ``values``: what the segment computed)."""
+    def _local(self, runner: segments.Runner, index: int, known: Mapping[str, np.ndarray],
+               computed: Collection[str], positions: list[int], pairs: Mapping[int, Any],
+               activations: Mapping[int, np.ndarray],
+               noise: Mapping[int, float]) -> dict[int, Metrics]:
+        """The local error of the layers at ``positions`` (in ``pairs``) in segment
+        ``index``: the segment run again on PyTorch's values of its inputs and of every
+        aligned tensor it ``computed``, so that each layer sees correct inputs. ``known``
+        gives the inputs PyTorch has no value for (the walk's values, or the graph's
+        inputs); empty when one of them is missing there too."""
         s = self.settings
-        inputs = {name: known[name] for name in runner.segments[index].inputs}
-        tensor_call = {p.onnx_tensor: p.call for p in reversed(list(kept.values()))}
-        references = {t: captured.activations[c] for t, c in tensor_call.items()
-                      if t in values or t in inputs}
-        local_feeds = {n: references[n].astype(v.dtype, copy=False) if n in references
-                       else v for n, v in inputs.items()}
-        own = runner.run_local(index, local_feeds, references,
-                               {kept[k].onnx_tensor for k in positions})
-        found = {}
-        for k in positions:
-            pair = kept[k]
-            if pair.onnx_tensor in own:
-                found[k] = compare(captured.activations[pair.call], own[pair.onnx_tensor],
-                                   rtol=s.rtol, atol=s.atol, noise=noise.get(pair.call, 0.0))
-        return found
+        segment = runner.segments[index]
+        tensor_call = {p.onnx_tensor: p.call for p in reversed(list(pairs.values()))}
+        references = {t: activations[c] for t, c in tensor_call.items()
+                      if t in computed or t in segment.inputs}
+        feeds = {}
+        for name in segment.inputs:
+            if name in references:
+                dtype = (known[name].dtype if name in known
+                         else self.graph.dtypes.get(name, np.float32))
+                feeds[name] = references[name].astype(dtype, copy=False)
+            elif name in known:
+                feeds[name] = known[name]
+            else:
+                return {}
+        own = runner.run_local(index, feeds, references, {pairs[k].onnx_tensor for k in positions})
+        return {k: compare(activations[pairs[k].call], own[pairs[k].onnx_tensor], rtol=s.rtol,
+                           atol=s.atol, noise=noise.get(pairs[k].call, 0.0))
+                for k in positions if pairs[k].onnx_tensor in own}
 
     def _keep_candidates(self, result: _SecondPass, positions: list[int], kept: dict,
                          calls: list[TorchCall], values: dict[str, np.ndarray]) -> None:
@@ -469,7 +473,8 @@ class CaseRunner:
 
     # ----------------------------------------------------------------------- re-checks
 
-    def passes_unoptimised(self, case: CaseRun, first: FirstDivergence | None = None) -> bool | None:
+    def passes_unoptimised(self, case: CaseRun,
+                           first: FirstDivergence | None = None) -> bool | None:
         """Whether every layer and output passes with onnxruntime's optimisations off.
 
         With ``first`` (the first divergence, in ``case``), its own segment runs first,
@@ -508,30 +513,15 @@ class CaseRunner:
     def _fails_alone(self, runner: segments.Runner, case: CaseRun, first: FirstDivergence) -> bool:
         """Whether ``first``'s layer fails on PyTorch's inputs in ``runner`` (False when
         that cannot be run: an input of its segment PyTorch has no value for)."""
-        pair = next((p for p in case.alignment.pairs if p.onnx_node == first.onnx_node), None)
+        pairs = dict(enumerate(case.alignment.pairs))
+        k = next((k for k, p in pairs.items() if p.onnx_node == first.onnx_node), None)
         index = next((i for i, seg in enumerate(case.plan)
-                      if pair is not None and pair.onnx_tensor in seg.marks), None)
-        if pair is None or index is None:
+                      if k is not None and pairs[k].onnx_tensor in seg.marks), None)
+        if k is None or index is None:
             return False
-        segment = case.plan[index]
-        tensor_call = {p.onnx_tensor: p.call for p in reversed(case.alignment.pairs)}
-        references = {t: case.activations[c] for t, c in tensor_call.items()
-                      if t in segment.marks or t in segment.inputs}
-        feeds = {}
-        for name in segment.inputs:
-            if name in case.feeds:
-                feeds[name] = case.feeds[name]
-            elif name in references:
-                feeds[name] = references[name].astype(self.graph.dtypes.get(name, np.float32),
-                                                      copy=False)
-            else:
-                return False
-        own = runner.run_local(index, feeds, references, {pair.onnx_tensor})
-        if pair.onnx_tensor not in own:
-            return False
-        s = self.settings
-        return not compare(case.activations[pair.call], own[pair.onnx_tensor], rtol=s.rtol,
-                           atol=s.atol, noise=case.noise.get(pair.call, 0.0)).passed
+        local = self._local(runner, index, case.feeds, case.plan[index].marks, [k], pairs,
+                            case.activations, case.noise)
+        return k in local and not local[k].passed
 
     def rewrite_of(self, first: FirstDivergence) -> str:
         s = self.settings
